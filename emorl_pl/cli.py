@@ -1,0 +1,61 @@
+"""``emorl fit|validate|test|predict -c CONFIG.yaml``: the LightningCLI entry point.
+
+The model and the data are swappable ``class_path``/``init_args`` blocks. The label set is given once,
+on the data (``data.init_args.label_set``), and linked into the model. ``--test_after_fit true``
+runs the test sets on the best checkpoint right after ``fit`` and prints the WA/UA/F1 table.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from emorl_pl.modules.grpo_module import GRPOModule
+from emorl_pl.report import format_results_table
+
+
+class EmoRLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="run trainer.test after fit")
+        parser.link_arguments("data.init_args.label_set", "model.init_args.labels")
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit"):
+            return
+        ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self.after_test()
+
+    def after_test(self) -> None:
+        results = getattr(self.model, "last_eval", {}).get("test")
+        if results and self.trainer.is_global_zero:
+            print(format_results_table(results, title="test"))
+
+    def after_validate(self) -> None:
+        results = getattr(self.model, "last_eval", {}).get("val")
+        if results and self.trainer.is_global_zero:
+            print(format_results_table(results, title="validation"))
+
+
+def main(args: list[str] | None = None) -> EmoRLCLI:
+    return EmoRLCLI(
+        GRPOModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": False},
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The shard format shared by the corpus converters, the synthetic generator and the DataModules.
+
+A split is a folder ``<root>/<split>/`` with ``shard-000000.tar``, ``shard-000001.tar``, ... (WebDataset
+tars) and ``index.json``. One sample is two tar members with the same key:
+
+* ``<key>.flac``: 16-bit PCM FLAC, mono, at the split's sample rate (16 kHz by default);
+* ``<key>.json``: ``label`` (canonical emotion), ``corpus_label`` (the corpus's own), ``corpus``,
+  ``speaker``, ``duration`` (seconds, filled in by the writer), optional ``text``, ``session``,
+  ``fold`` and any extra fields (e.g. ``prosody`` from the synthetic generator).
+
+Keys contain no dots (WebDataset splits key and extension at the first dot of the file name): the
+writer replaces ``.`` by ``_`` and refuses duplicate keys within a split.
+
+``index.json``: ``{"split", "num_samples", "label_counts", "speaker_counts", "shards", "sample_rate",
+"corpora", "total_duration", "skipped", "cropped"}``; it is written last, so a folder with tars and no
+index is an interrupted conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from emorl_pl.audio import AudioReadError, decode_audio, encode_flac, resample, to_mono
+from emorl_pl.emotions import try_normalize_label
+
+SHARD_PATTERN = "shard-%06d.tar"
+INDEX_NAME = "index.json"
+REQUIRED_META = ("label", "corpus_label", "corpus", "speaker")
+INDEX_KEYS = ("split", "num_samples", "label_counts", "shards", "sample_rate")
+
+
+@dataclass
+class AudioSample:
+    """One utterance to write: ``audio`` float32, (frames,) or (frames, channels), at ``sample_rate``."""
+
+    key: str
+    audio: np.ndarray
+    sample_rate: int
+    meta: dict = field(default_factory=dict)
+
+
+def safe_key(key: str) -> str:
+    """A WebDataset-safe key: dots become underscores (the tar member is ``<key>.<ext>``)."""
+    key = str(key).replace(".", "_").strip()
+    if not key:
+        raise ValueError("sample key is empty")
+    return key
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars/arrays come from feature code and converters; store them as plain JSON.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class SplitWriter:
+    """Write one split as WebDataset shards + index.json (a context manager; ``close`` writes the index).
+
+    Each ``write`` mixes to mono, resamples to ``sample_rate``, crops (``overlong="crop"``) or skips
+    (``overlong="skip"``) audio longer than ``max_duration`` seconds, and encodes FLAC PCM_16.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        sample_rate: int = 16000,
+        max_count: int = 1000,
+        max_bytes: int = 200_000_000,
+        max_duration: float | None = None,
+        overlong: str = "crop",
+        overwrite: bool = False,
+    ) -> None:
+        if overlong not in ("crop", "skip"):
+            raise ValueError(f"overlong must be 'crop' or 'skip', got {overlong!r}")
+        if max_duration is not None and max_duration <= 0:
+            raise ValueError(f"max_duration must be positive or None, got {max_duration}")
+        if not split or "/" in split or split.startswith("."):
+            raise ValueError(f"split must be a plain folder name, got {split!r}")
+        self.split = split
+        self.dir = Path(root) / split
+        self.sample_rate = int(sample_rate)
+        self.max_count = int(max_count)
+        self.max_bytes = int(max_bytes)
+        self.max_duration = max_duration
+        self.overlong = overlong
+        existing = sorted(self.dir.glob("shard-*.tar")) + sorted(self.dir.glob(INDEX_NAME))
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"split folder {self.dir} already has shards/index ({len(existing)} files); "
+                "pass overwrite=True to replace them"
+            )
+        for path in existing:
+            path.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._writer: wds.ShardWriter | None = None
+        self._shards: list[str] = []
+        self._keys: set[str] = set()
+        self._labels: Counter[str] = Counter()
+        self._speakers: Counter[str] = Counter()
+        self._corpora: set[str] = set()
+        self._total_duration = 0.0
+        self._cropped = 0
+        self._skipped_files: list[dict[str, str]] = []
+        self._index: dict | None = None
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._index is None:
+            self.close()
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self._labels.values())
+
+    def skip(self, reason: str, path: str) -> None:
+        """Record a source file that was not written (missing, unreadable, unknown label...)."""
+        self._skipped_files.append({"path": str(path), "reason": str(reason)})
+
+    def write(self, sample: AudioSample) -> bool:
+        """Encode and append one sample; returns False when it was skipped as overlong (counted).
+
+        Raises ValueError naming the key for a duplicate key, missing metadata fields, an unknown
+        label, empty or non-finite audio.
+        """
+        if self._index is not None:
+            raise RuntimeError(f"SplitWriter for {self.dir} is closed")
+        key = safe_key(sample.key)
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in split {self.dir}")
+        meta = dict(sample.meta)
+        missing = [k for k in REQUIRED_META if meta.get(k) in (None, "")]
+        if missing:
+            raise ValueError(f"sample {key!r}: metadata lacks required field(s) {missing}; need {list(REQUIRED_META)}")
+        label = try_normalize_label(meta["label"])
+        if label is None:
+            raise ValueError(f"sample {key!r}: label {meta['label']!r} is not a known emotion")
+        audio = to_mono(sample.audio)
+        if audio.size == 0:
+            raise ValueError(f"sample {key!r}: audio is empty")
+        if not np.all(np.isfinite(audio)):
+            raise ValueError(f"sample {key!r}: audio has NaN/inf values")
+        audio = resample(audio, int(sample.sample_rate), self.sample_rate)
+        if self.max_duration is not None and len(audio) > self.max_duration * self.sample_rate:
+            if self.overlong == "skip":
+                self.skip(f"longer than max_duration={self.max_duration}s "
+                          f"({len(audio) / self.sample_rate:.2f}s)", key)
+                return False
+            audio = audio[: int(self.max_duration * self.sample_rate)]
+            self._cropped += 1
+        duration = len(audio) / self.sample_rate
+        meta.update(label=label, corpus=str(meta["corpus"]), speaker=str(meta["speaker"]),
+                    corpus_label=str(meta["corpus_label"]), duration=round(duration, 4))
+        record = {
+            "__key__": key,
+            "flac": encode_flac(audio, self.sample_rate),
+            "json": json.dumps(meta, default=_json_default, ensure_ascii=False).encode("utf-8"),
+        }
+        if self._writer is None:
+            # Opened lazily so that an empty split leaves no empty tar behind.
+            self._writer = wds.ShardWriter(str(self.dir / SHARD_PATTERN), maxcount=self.max_count,
+                                           maxsize=self.max_bytes, verbose=0,
+                                           post=lambda fname: self._shards.append(Path(fname).name))
+        self._writer.write(record)
+        self._keys.add(key)
+        self._labels[label] += 1
+        self._speakers[meta["speaker"]] += 1
+        self._corpora.add(meta["corpus"])
+        self._total_duration += duration
+        return True
+
+    def close(self) -> dict:
+        """Finish the last shard, write index.json and return it plus ``skipped_files`` (path, reason)."""
+        if self._index is None:
+            if self._writer is not None:
+                self._writer.close()
+            self._index = {
+                "split": self.split,
+                "num_samples": self.num_samples,
+                "label_counts": dict(sorted(self._labels.items())),
+                "speaker_counts": dict(sorted(self._speakers.items())),
+                "shards": sorted(self._shards),
+                "sample_rate": self.sample_rate,
+                "corpora": sorted(self._corpora),
+                "total_duration": round(self._total_duration, 3),
+                "skipped": len(self._skipped_files),
+                "cropped": self._cropped,
+            }
+            tmp = self.dir / (INDEX_NAME + ".tmp")
+            tmp.write_text(json.dumps(self._index, indent=2, ensure_ascii=False) + "\n")
+            tmp.replace(self.dir / INDEX_NAME)
+        return {**self._index, "skipped_files": list(self._skipped_files)}
+
+
+def read_index(split_dir: str | Path) -> dict:
+    """Load ``<split_dir>/index.json``; raises FileNotFoundError / ValueError naming the file and the problem."""
+    path = Path(split_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {INDEX_NAME} in split folder {Path(split_dir)} (not a converted split?)")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(index).__name__}")
+    missing = [k for k in INDEX_KEYS if k not in index]
+    if missing:
+        raise ValueError(f"{path} lacks field(s) {missing}; expected at least {list(INDEX_KEYS)}")
+    return index
+
+
+def split_shards(split_dir: str | Path) -> list[str]:
+    """Absolute paths of the shards listed in a split's index.json (checked to exist)."""
+    split_dir = Path(split_dir)
+    paths = [split_dir / name for name in read_index(split_dir)["shards"]]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"shards listed in {split_dir / INDEX_NAME} are missing: {absent}")
+    return [str(p) for p in paths]
+
+
+
+class SampleDecodeError(ValueError):
+    """A shard record that cannot be turned into a training sample (bad audio, JSON, label or field)."""
+
+
+def decode_record(
+    record: dict, *, sample_rate: int = 16000, max_duration: float | None = None,
+    label_set: tuple[str, ...] | None = None,
+) -> dict:
+    """Decode one raw WebDataset record ``{"__key__", "__url__", "flac", "json"}`` into a sample dict.
+
+    Returns ``{"key", "waveform" (1-D float32 np.ndarray at sample_rate, at most max_duration s),
+    "label" (canonical, in label_set when given), "text", "corpus", "meta"}``. Raises SampleDecodeError
+    naming the shard URL and key for undecodable audio, bad JSON, a missing field or a label outside
+    ``label_set`` (aliases are mapped to canonical names first).
+    """
+    key = record.get("__key__", "<no key>")
+    where = f"{record.get('__url__', '<unknown shard>')}:{key}"
+    if "json" not in record or "flac" not in record:
+        have = sorted(k for k in record if not k.startswith("__"))
+        raise SampleDecodeError(f"{where}: record needs .flac and .json members, has {have}")
+    try:
+        meta = json.loads(record["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SampleDecodeError(f"{where}: .json is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise SampleDecodeError(f"{where}: .json must be an object, got {type(meta).__name__}")
+    if "label" not in meta:
+        raise SampleDecodeError(f"{where}: .json lacks the 'label' field")
+    label = try_normalize_label(meta["label"], label_set)
+    if label is None:
+        allowed = f" (label set: {', '.join(label_set)})" if label_set else ""
+        raise SampleDecodeError(f"{where}: label {meta['label']!r} is unknown or outside the label set{allowed}")
+    try:
+        audio, sr = decode_audio(record["flac"], where)
+    except AudioReadError as exc:
+        raise SampleDecodeError(str(exc)) from exc
+    audio = resample(to_mono(audio), sr, sample_rate)
+    if max_duration is not None:
+        audio = audio[: int(math.floor(max_duration * sample_rate))]
+    text = meta.get("text")
+    return {
+        "key": key,
+        "waveform": audio,
+        "label": label,
+        "text": text if isinstance(text, str) else None,
+        "corpus": str(meta.get("corpus", "")),
+        "meta": meta,
+    }

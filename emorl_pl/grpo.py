@@ -1,0 +1,358 @@
+"""GRPO math as small pure torch functions: group advantages, per-token log-probs, masks, KL, loss.
+
+No Lightning and no transformers here: the GRPO LightningModule calls these on plain tensors, so every
+formula can be tested against a hand computation. Definitions follow TRL 1.x ``GRPOTrainer``
+(``_generate_and_score_completions`` for advantages, ``_compute_loss`` for the loss and its stats).
+
+Shapes: ``B`` prompts, ``G`` completions per prompt, ``N = B * G`` sequences, ``T`` completion tokens,
+``V`` vocabulary. Rewards and advantages are flat ``(N,)`` with consecutive blocks of ``G`` belonging
+to one prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+# ----------------------------------------------------------------------------------------- advantages
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    """(N,) -> (B, G) float view, with a clear error for a bad shape."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B*G,), got shape {tuple(rewards.shape)}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards has {rewards.numel()} elements, not divisible by group_size={group_size} "
+            "(expected B*G rewards, G consecutive completions per prompt)"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    elif rewards.dtype in (torch.float16, torch.bfloat16):
+        rewards = rewards.float()
+    return rewards.view(-1, group_size)
+
+
+def _nan_stats(x: Tensor, dim: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean, Bessel std, valid count and 'all valid values equal' over ``dim`` (all if None), NaN-aware.
+
+    mean = sum(valid) / n;  std = sqrt(sum((x - mean)^2) / (n - 1)), defined as 0 when n <= 1.
+    """
+    valid = ~torch.isnan(x)
+    dims = () if dim is None else (dim,)
+    keep = dim is not None
+    n = valid.sum(dim=dims, keepdim=keep)
+    filled = torch.where(valid, x, torch.zeros_like(x))
+    mean = filled.sum(dim=dims, keepdim=keep) / n.clamp(min=1)
+    dev = torch.where(valid, x - mean, torch.zeros_like(x))
+    var = (dev * dev).sum(dim=dims, keepdim=keep) / (n - 1).clamp(min=1)
+    hi = torch.where(valid, x, torch.full_like(x, -torch.inf)).amax(dim=dims, keepdim=keep)
+    lo = torch.where(valid, x, torch.full_like(x, torch.inf)).amin(dim=dims, keepdim=keep)
+    # Exact test instead of isclose(std, 0): r - mean(r) may be 1 ulp off 0 for equal rewards.
+    constant = (n <= 1) | (hi == lo)
+    std = torch.where(constant, torch.zeros_like(var), var.sqrt())
+    return mean, std, n, constant
+
+
+def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
+    """Per-prompt reward standard deviation, (N,) -> (B,).
+
+    std_b = sqrt( sum_{i valid} (r_bi - mean_b)^2 / (n_b - 1) )  (Bessel, as ``torch.std``), NaN
+    rewards ignored; exactly 0 when the group's valid rewards are all equal or ``n_b <= 1``.
+    """
+    _, std, _, _ = _nan_stats(_grouped(rewards, group_size), dim=1)
+    return std.squeeze(1)
+
+
+def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(B,) bool: True where a prompt's valid rewards are all equal (or fewer than 2 are valid).
+
+    Such groups have zero advantage, hence no policy gradient: their fraction is logged as
+    ``frac_reward_zero_std`` and DAPO's dynamic sampling drops them.
+    """
+    _, _, _, constant = _nan_stats(_grouped(rewards, group_size), dim=1)
+    return constant.squeeze(1)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages, (N,) -> (N,).
+
+    For completion i of prompt b, over the valid (non-NaN) rewards of that prompt:
+
+        A_bi = r_bi - mean_b(r)
+        scale "group":  A_bi / (std_b(r) + eps)
+        scale "batch":  A_bi / (std(r over all valid rewards of the batch) + eps)
+        scale "none":   A_bi
+
+    std is Bessel-corrected (``torch.std``, as TRL). A NaN reward gets A = 0. A group whose valid
+    rewards are all equal, or which has 0 or 1 valid rewards, gets A = 0 exactly (never NaN).
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    grouped = _grouped(rewards, group_size)
+    mean, std, _, constant = _nan_stats(grouped, dim=1)
+    valid = ~torch.isnan(grouped)
+    adv = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
+    if scale == "group":
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        _, batch_std, _, _ = _nan_stats(grouped.reshape(-1), dim=None)
+        adv = adv / (batch_std + eps)
+    adv = torch.where(constant | ~valid, torch.zeros_like(adv), adv)
+    return adv.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------- token log-probs
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(x / tau)[token], chunked over rows in forward and (recomputed) in backward.
+
+    Forward saves only the logits reference (already alive in the graph), never a (N, T, V) softmax.
+    d/dx_v [x_k / tau - logsumexp(x / tau)] = (1[v == k] - softmax(x / tau)_v) / tau.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk_size: int) -> Tensor:
+        out = torch.empty(
+            tokens.shape,
+            dtype=torch.float32 if logits.dtype != torch.float64 else logits.dtype,
+            device=logits.device,
+        )
+        idx = tokens.unsqueeze(-1)
+        for start in range(0, logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            # Upcast per chunk: bf16 logsumexp over a 150k vocabulary loses ~2 significant digits.
+            x = logits[rows].to(out.dtype)
+            if temperature != 1.0:
+                x = x / temperature
+            out[rows] = x.gather(-1, idx[rows]).squeeze(-1) - torch.logsumexp(x, dim=-1)
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, tokens = ctx.saved_tensors
+        tau, chunk_size = ctx.temperature, ctx.chunk_size
+        grad = torch.empty_like(logits)
+        idx = tokens.unsqueeze(-1)
+        for start in range(0, logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            x = logits[rows].to(grad_out.dtype)
+            if tau != 1.0:
+                x = x / tau
+            g_out = grad_out[rows].unsqueeze(-1)
+            g = torch.softmax(x, dim=-1).mul_(-g_out)
+            g.scatter_add_(-1, idx[rows], g_out)
+            if tau != 1.0:
+                g.div_(tau)
+            grad[rows] = g.to(logits.dtype)
+        return grad, None, None, None
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int = 1) -> Tensor:
+    """Log-probability of each sampled token, (N, T, V), (N, T) -> (N, T).
+
+        logp[n, t] = z[n, t, tokens[n, t]] - logsumexp_v z[n, t, v],   z = logits / temperature
+
+    ``logits[:, t]`` must predict ``tokens[:, t]`` (shift the model output by one before calling).
+    Dividing by the sampling temperature scores tokens under the distribution they were sampled
+    from (as TRL). Computed ``chunk_size`` sequences at a time, in float32 for float32/bf16/fp16
+    inputs, so no full (N, T, V) log-softmax copy exists in forward or backward; the result is
+    float32 (float64 for float64 logits) and differentiable w.r.t. ``logits``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (N, T, V), got shape {tuple(logits.shape)}")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"tokens must be (N, T) = {tuple(logits.shape[:2])} to match logits, got {tuple(tokens.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _SelectiveLogSoftmax.apply(logits, tokens.long(), float(temperature), int(chunk_size))
+
+
+# -------------------------------------------------------------------------------------------- masks
+def _eos_hits(completion_ids: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
+    if completion_ids.dim() != 2:
+        raise ValueError(f"completion_ids must be (N, T), got shape {tuple(completion_ids.shape)}")
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not eos:
+        raise ValueError("eos_token_id must be an int or a non-empty sequence of ints")
+    return torch.isin(
+        completion_ids, torch.tensor(eos, dtype=completion_ids.dtype, device=completion_ids.device)
+    )
+
+
+def is_truncated(completion_ids: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
+    """(N,) bool: True for completions that contain no EOS token (cut at the length limit)."""
+    return ~_eos_hits(completion_ids, eos_token_id).any(dim=1)
+
+
+def completion_mask(
+    completion_ids: Tensor, eos_token_id: int | Sequence[int], mask_truncated: bool = False
+) -> Tensor:
+    """(N, T) long mask: 1 up to and including the first EOS, 0 after it (padding, later EOS).
+
+        mask[n, t] = 1[t <= first_eos(n)],   first_eos(n) = T when row n has no EOS
+
+    ``mask_truncated``: rows without any EOS are all 0 (DAPO's overlong filtering), so truncated
+    completions contribute no gradient.
+    """
+    hits = _eos_hits(completion_ids, eos_token_id)
+    n, t = hits.shape
+    has_eos = hits.any(dim=1)
+    first = torch.where(has_eos, hits.int().argmax(dim=1), torch.full((n,), t, device=hits.device))
+    mask = torch.arange(t, device=hits.device).unsqueeze(0) <= first.unsqueeze(1)
+    if mask_truncated:
+        mask = mask & has_eos.unsqueeze(1)
+    return mask.long()
+
+
+# ----------------------------------------------------------------------------------------------- KL
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) (Schulman 2020), elementwise:
+
+    d = ref_logp - logp;   k3 = exp(d) - d - 1  >= 0, and 0 iff logp == ref_logp.
+    """
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+# --------------------------------------------------------------------------------------------- loss
+@dataclass
+class GRPOStats:
+    """Detached scalars for logging; token means are over mask == 1 (sequence means at sequence level).
+
+    clip_ratio_low = mean[(ratio < 1 - eps_low) & (A < 0)], clip_ratio_high = mean[(ratio > 1 + eps_high)
+    & (A > 0)], clip_ratio_region = mean[low | high], as TRL logs them.
+    """
+
+    kl: Tensor
+    clip_ratio_low: Tensor
+    clip_ratio_high: Tensor
+    clip_ratio_region: Tensor
+    ratio_mean: Tensor
+    num_tokens: Tensor
+
+    def as_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    ref_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    importance_sampling_level: str = "token",
+) -> tuple[Tensor, GRPOStats]:
+    """Clipped GRPO surrogate with optional k3 KL penalty; returns (scalar loss, stats).
+
+    Per token (N, T), with mu the sampling policy's log-probs (``old_logps``; None means on-policy,
+    old = logps.detach(), so ratio == 1 in value but carries the gradient of logps):
+
+        ratio   = exp(logp - old)                         ("token" level)
+        ratio_n = exp(sum_t m (logp - old) / max(sum_t m, 1))   ("sequence" level, GSPO; one per row)
+        l       = -min(ratio * A_n, clamp(ratio, 1 - eps_low, 1 + eps_high) * A_n) + beta * k3(logp, ref)
+
+    Aggregation with mask m:
+
+        grpo:    mean_n [ sum_t m l / max(sum_t m, 1) ]
+        bnpo:    sum m l / max(sum m, 1)
+        dr_grpo: sum m l / (N * max_completion_length)
+        dapo:    sum m l / num_items_in_batch
+
+    ``num_items_in_batch`` counts the active tokens of the whole accumulation window; when the strategy
+    averages gradients over R ranks and the count is global, pass count / R (as TRL does). For
+    grpo/bnpo/dr_grpo the caller divides by the number of accumulation steps.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+            f"got {importance_sampling_level!r}"
+        )
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be (N, T), got shape {tuple(logps.shape)}")
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if x is not None and x.shape != logps.shape:
+            raise ValueError(
+                f"{name} must have the shape of logps {tuple(logps.shape)}, got {tuple(x.shape)}"
+            )
+    n_seq = logps.shape[0]
+    if advantages.shape not in ((n_seq,), (n_seq, 1)):
+        raise ValueError(f"advantages must be ({n_seq},) or ({n_seq}, 1), got {tuple(advantages.shape)}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps (the reference model's per-token log-probs)")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation length limit)")
+    if loss_type == "dapo" and num_items_in_batch is None:
+        raise ValueError(
+            "loss_type='dapo' needs num_items_in_batch (active tokens in the accumulation window)"
+        )
+    eps_low = epsilon_low
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    m = mask.to(logps.dtype)
+    adv = advantages.reshape(n_seq, 1).to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    log_ratio = logps - old
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_ratio)  # (N, T) or (N, 1)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    per_token_kl = kl_k3(logps, ref_logps) if ref_logps is not None else None
+    if beta != 0.0:
+        per_token = per_token + beta * per_token_kl
+    per_token = per_token.expand_as(logps)
+
+    total = (per_token * m).sum()
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = total / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = total / (n_seq * max_completion_length)
+    else:
+        loss = total / num_items_in_batch
+
+    with torch.no_grad():
+        n_tok = m.sum()
+
+        def masked_mean(x: Tensor) -> Tensor:
+            if x.shape[1] == 1:  # sequence level: one value per row
+                return x.float().mean()
+            return (x * m).sum() / n_tok.clamp(min=1.0)
+
+        low = ((ratio < 1 - eps_low) & (adv < 0)).to(logps.dtype)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(logps.dtype)
+        stats = GRPOStats(
+            kl=masked_mean(per_token_kl.detach()) if per_token_kl is not None else logps.new_zeros(()),
+            clip_ratio_low=masked_mean(low),
+            clip_ratio_high=masked_mean(high),
+            clip_ratio_region=masked_mean(torch.maximum(low, high)),
+            ratio_mean=masked_mean(ratio.detach()),
+            num_tokens=n_tok,
+        )
+    return loss, stats

@@ -1,0 +1,496 @@
+"""The audio-language-model policy: load, LoRA, reference, prompts, rollout and completion log-probs.
+
+The audio is encoded once per utterance: ``encode_prompts`` runs the audio tower and caches its output;
+rollout and every later log-prob pass re-embed the text tokens and scatter the cached audio features into
+the ``<|AUDIO|>`` positions, then run only the language model on ``inputs_embeds``. Works for
+Qwen2-Audio (``qwen2_audio``) and the Qwen2.5-Omni thinker (``qwen2_5_omni_thinker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from emorl_pl.grpo import completion_mask, is_truncated, token_logprobs
+
+AUDIO_SPECIAL_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+# Omni spells its audio tokens differently; suppress whichever of these the tokenizer knows.
+_AUDIO_TOKEN_CANDIDATES = AUDIO_SPECIAL_TOKENS + ("<|AUDIO|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")
+MODEL_CLASSES = {
+    "qwen2_audio": "transformers.Qwen2AudioForConditionalGeneration",
+    "qwen2_5_omni_thinker": "transformers.Qwen2_5OmniThinkerForConditionalGeneration",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model only.
+
+    ``target_modules``: None -> the language model's q/k/v/o/gate/up/down projections; a list of short
+    names -> those projections, still scoped to the language model (the audio tower also has q_proj...);
+    a string -> a raw peft regex over full module names (no scoping).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+
+
+@dataclass
+class Prompts:
+    """Processor outputs for B utterances; text left-padded for generation."""
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P)
+    input_features: Tensor  # (B, n_mels, frames)
+    feature_attention_mask: Tensor  # (B, frames)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> Prompts:
+        return Prompts(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.input_features,
+                                                  self.feature_attention_mask)))
+
+
+@dataclass
+class PromptEmbeds:
+    """Prompt embeddings with the audio merged, plus the cached audio-tower output to re-merge later.
+
+    ``audio_hidden[b]``: audio tower output of utterance b, (n_audio_tokens_b, D_audio), detached.
+    ``ref_audio_hidden``: the same from the reference copy (full fine-tuning with a trainable tower only).
+    """
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P)
+    inputs_embeds: Tensor  # (B, P, D)
+    audio_hidden: list[Tensor]
+    prompts: Prompts
+    ref_audio_hidden: list[Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class Rollout:
+    """G completions per prompt; row b*G + g is sample g of utterance b."""
+
+    prompt: PromptEmbeds  # B rows, not repeated
+    completion_ids: Tensor  # (B*G, T) right-padded with pad id after EOS
+    completion_mask: Tensor  # (B*G, T) 1 up to and including the first EOS
+    truncated: Tensor  # (B*G,) bool: no EOS within max_new_tokens
+    texts: list[str]  # decoded, special tokens stripped
+    group_size: int
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"model_class must be a dotted import path like 'transformers.X', got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _as_row_index(rows: slice | Tensor | Sequence[int] | None, n: int, device: torch.device) -> Tensor:
+    if rows is None:
+        return torch.arange(n, device=device)
+    if isinstance(rows, slice):
+        return torch.arange(n, device=device)[rows]
+    idx = torch.as_tensor(rows, device=device)
+    if idx.dtype == torch.bool:
+        idx = idx.nonzero().squeeze(1)
+    if idx.dim() != 1 or (idx.numel() and (idx.min() < 0 or idx.max() >= n)):
+        raise IndexError(f"rows must select among {n} rollout rows, got {rows!r}")
+    return idx.long()
+
+
+class AudioLMPolicy(nn.Module):
+    """A local Hugging Face audio-LM + processor as a GRPO policy (see the module docstring).
+
+    Call ``load()`` (the Lightning module does it in ``configure_model``); other methods load lazily.
+    Reference policy: with LoRA, the adapters disabled; with full fine-tuning, a frozen deep copy that is
+    neither a registered submodule (not in ``state_dict``/``parameters``) nor trained.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        model_class: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = "sdpa",
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        freeze_audio_tower: bool = True,
+        system_prompt: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model_dir = model_dir
+        self.model_class = model_class
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.lora = lora
+        self.freeze_audio_tower = freeze_audio_tower
+        self.system_prompt = system_prompt
+        self.model: nn.Module | None = None
+        self.processor = None
+        self.audio_encoder_calls = 0
+        self.audio_utterances_encoded = 0
+
+    # ------------------------------------------------------------------------------------------ loading
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def load(self) -> AudioLMPolicy:
+        """Load processor and model from ``model_dir``, apply freezing, LoRA, checkpointing. Idempotent."""
+        if self.loaded:
+            return self
+        from transformers import AutoConfig, AutoProcessor
+
+        path = Path(self.model_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model_dir {str(path)!r} does not exist or is not a directory")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir {str(path)!r} has no config.json (not a saved HF model)")
+        config = AutoConfig.from_pretrained(path)
+        class_path = self.model_class or MODEL_CLASSES.get(config.model_type)
+        if class_path is None:
+            raise ValueError(
+                f"{path / 'config.json'}: model_type {config.model_type!r} is not one of {sorted(MODEL_CLASSES)}; "
+                "pass model_class as a dotted import path"
+            )
+        kwargs = {"dtype": DTYPES[self.dtype_name]}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        hf_model = _import_class(class_path).from_pretrained(path, **kwargs)
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+
+        self._hf = hf_model  # plain attribute too: the unwrapped model, whatever peft does
+        object.__setattr__(self, "_hf", hf_model)
+        if self.freeze_audio_tower:
+            self._audio_tower(hf_model).requires_grad_(False)
+        object.__setattr__(self, "_reference_model", None)
+        if self.lora is None:
+            ref = copy.deepcopy(hf_model).eval().requires_grad_(False)
+            object.__setattr__(self, "_reference_model", ref)  # not registered: out of state_dict/optimizer
+
+        if self.gradient_checkpointing:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            if self.gradient_checkpointing:
+                hf_model.enable_input_require_grads()  # peft + checkpointing: the embedding output needs grad
+            lora_config = LoraConfig(
+                r=self.lora.r,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=self.lora.dropout,
+                target_modules=self._lora_targets(hf_model),
+                bias="none",
+            )
+            self.model = get_peft_model(hf_model, lora_config)
+        else:
+            self.model = hf_model
+        self._audio_tower(hf_model).register_forward_hook(self._count_audio_call, with_kwargs=True)
+        self._token_ids()
+        return self
+
+    def _lora_targets(self, hf_model: nn.Module) -> str:
+        """A regex over full module names that matches only projections inside the language model."""
+        if isinstance(self.lora.target_modules, str):
+            return self.lora.target_modules
+        names = tuple(self.lora.target_modules or LM_PROJECTIONS)
+        decoder = self._decoder(hf_model)
+        prefix = next(name for name, module in hf_model.named_modules() if module is decoder)
+        return rf"^{re.escape(prefix)}\.layers\.\d+\..*\.({'|'.join(map(re.escape, names))})$"
+
+    def _token_ids(self) -> None:
+        tok = self.processor.tokenizer
+        vocab = tok.get_vocab()
+        self.audio_token_ids = sorted({vocab[t] for t in _AUDIO_TOKEN_CANDIDATES if t in vocab})
+        eos = [vocab[t] for t in ("<|im_end|>",) if t in vocab]
+        if tok.eos_token_id is not None:
+            eos.append(tok.eos_token_id)
+        self.eos_token_ids = list(dict.fromkeys(eos))
+        if not self.eos_token_ids:
+            raise ValueError(f"{self.model_dir}: tokenizer has neither <|im_end|> nor an eos_token")
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_ids[0]
+
+    # ------------------------------------------------------------------------------ model-specific parts
+    @staticmethod
+    def _audio_tower(hf_model: nn.Module) -> nn.Module:
+        inner = getattr(hf_model, "model", None)
+        tower = getattr(hf_model, "audio_tower", None) or getattr(inner, "audio_tower", None)
+        if tower is None:
+            raise TypeError(f"{type(hf_model).__name__} has no audio_tower")
+        return tower
+
+    @staticmethod
+    def _decoder(hf_model: nn.Module) -> nn.Module:
+        return hf_model.get_decoder()
+
+    @staticmethod
+    def _projector(hf_model: nn.Module) -> nn.Module:
+        """Maps tower outputs to the text width (Qwen2-Audio); identity where the tower projects itself (Omni)."""
+        inner = getattr(hf_model, "model", None)
+        return getattr(inner, "multi_modal_projector", None) or nn.Identity()
+
+    def _audio_token_id(self, hf_model: nn.Module) -> int:
+        config = hf_model.config
+        return int(getattr(config, "audio_token_id", None) or config.audio_token_index)
+
+    def _count_audio_call(self, module, args, kwargs, output) -> None:
+        self.audio_encoder_calls += 1
+        lens = kwargs.get("feature_lens")
+        features = args[0] if args else kwargs.get("input_features")
+        self.audio_utterances_encoded += len(lens) if lens is not None else features.shape[0]
+
+    def _encode_audio(self, hf_model: nn.Module, features: Tensor, feature_mask: Tensor) -> list[Tensor]:
+        """Audio tower output per utterance, [(n_audio_tokens_b, D_audio)], as the model's forward computes it."""
+        if hasattr(hf_model, "get_audio_features"):  # Omni thinker: flat (sum n_b, D_text), projection inside
+            flat = hf_model.get_audio_features(features, feature_mask, return_dict=True).last_hidden_state
+            _, out_lens = self._audio_tower(hf_model)._get_feat_extract_output_lengths(feature_mask.sum(-1))
+            return list(flat.split(out_lens.tolist()))
+        # Qwen2-Audio: transformers 5.17 inlines this in Qwen2AudioModel.forward; the same steps here.
+        from transformers.masking_utils import create_bidirectional_mask
+
+        tower = self._audio_tower(hf_model)
+        feat_lens, out_lens = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
+        batch, _, mel_frames = features.shape
+        max_len = (mel_frames - 2) // 2 + 1
+        valid = torch.arange(max_len, device=feat_lens.device)[None, :] < feat_lens[:, None]
+        dummy = torch.zeros(batch, max_len, 1, dtype=self._embed(hf_model).weight.dtype, device=features.device)
+        mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=valid.long())
+        hidden = tower(features, attention_mask=mask).last_hidden_state
+        return [hidden[b, : int(n)] for b, n in enumerate(out_lens)]
+
+    @staticmethod
+    def _embed(hf_model: nn.Module) -> nn.Module:
+        return hf_model.get_input_embeddings()
+
+    def _merge(self, hf_model: nn.Module, input_ids: Tensor, audio_hidden: list[Tensor]) -> Tensor:
+        """Token embeddings with the projected audio scattered into the ``<|AUDIO|>`` positions, (B, P, D)."""
+        embeds = self._embed(hf_model)(input_ids)
+        audio = self._projector(hf_model)(torch.cat(audio_hidden).to(embeds.device))
+        is_audio = (input_ids == self._audio_token_id(hf_model)).unsqueeze(-1)
+        n_slots = int(is_audio.sum())
+        if n_slots != audio.shape[0]:
+            raise ValueError(f"prompt has {n_slots} audio token slots but {audio.shape[0]} audio features")
+        return embeds.masked_scatter(is_audio, audio.to(embeds.dtype))
+
+    # ------------------------------------------------------------------------------------ reference etc.
+    @property
+    def hf_model(self) -> nn.Module:
+        """The underlying transformers model (LoRA layers injected in place when LoRA is on)."""
+        self.load()
+        return self._hf
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        self.load()
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """Inside, forward passes use the reference policy: adapters off (LoRA) or the frozen copy."""
+        self.load()
+        if self.lora is not None:
+            with self.model.disable_adapter():
+                yield self._hf
+            return
+        ref = self._reference_model
+        param = next(self._hf.parameters())
+        if next(ref.parameters()).device != param.device:  # unregistered, so .to() on the policy skips it
+            ref.to(param.device)
+        yield ref
+
+    def _tower_trainable(self, hf_model: nn.Module) -> bool:
+        return any(p.requires_grad for p in self._audio_tower(hf_model).parameters())
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def build_prompts(
+        self,
+        waveforms: Sequence[Tensor],
+        sample_rate: int,
+        instruction: str,
+        texts: Sequence[str | None] | None = None,
+    ) -> Prompts:
+        """Chat-template prompts with one audio each, through the processor (left-padded text).
+
+        Each 1-D waveform is resampled to the feature extractor's rate when ``sample_rate`` differs, and
+        cropped to the feature extractor's ``chunk_length`` seconds (the encoder takes a fixed-length
+        window: 30 s for Qwen2-Audio). A transcript in ``texts[i]`` goes before the instruction.
+        """
+        self.load()
+        fe = self.processor.feature_extractor
+        if texts is not None and len(texts) != len(waveforms):
+            raise ValueError(f"texts has {len(texts)} entries but there are {len(waveforms)} waveforms")
+        audio = []
+        for i, wave in enumerate(waveforms):
+            wave = torch.as_tensor(wave, dtype=torch.float32)
+            if wave.dim() != 1 or wave.numel() == 0:
+                raise ValueError(f"waveforms[{i}] must be a non-empty 1-D tensor, got shape {tuple(wave.shape)}")
+            if sample_rate != fe.sampling_rate:
+                import torchaudio.functional as AF
+
+                wave = AF.resample(wave, sample_rate, fe.sampling_rate)
+            audio.append(wave[: fe.n_samples].cpu().numpy())
+        prompts = []
+        for i in range(len(audio)):
+            text = instruction
+            if texts is not None and texts[i]:
+                text = f'Transcript: "{texts[i]}"\n{instruction}'
+            conversation = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]}]
+            if self.system_prompt is not None:
+                conversation.insert(0, {"role": "system", "content": self.system_prompt})
+            prompts.append(
+                self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            )
+        out = self.processor(
+            text=prompts, audio=audio, sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt"
+        )
+        device = next(self._hf.parameters()).device
+        return Prompts(
+            input_ids=out["input_ids"],
+            attention_mask=out["attention_mask"],
+            input_features=out["input_features"].to(next(self._hf.parameters()).dtype),
+            feature_attention_mask=out["feature_attention_mask"],
+        ).to(device)
+
+    def encode_prompts(self, prompts: Prompts) -> PromptEmbeds:
+        """Run the audio tower once and merge: (B, P, D) prompt embeddings + the cached tower output."""
+        self.load()
+        with torch.no_grad():
+            hidden = self._encode_audio(self._hf, prompts.input_features, prompts.feature_attention_mask)
+        hidden = [h.detach() for h in hidden]
+        embeds = self._merge(self._hf, prompts.input_ids, hidden)
+        return PromptEmbeds(prompts.input_ids, prompts.attention_mask, embeds, hidden, prompts)
+
+    def _prompt_embeds(self, hf_model: nn.Module, pe: PromptEmbeds, utts: Tensor, reference: bool) -> Tensor:
+        """Prompt embeddings of utterances ``utts`` for ``hf_model``, re-using the cached tower output
+        unless that tower is trainable (then: with grad for the policy, a cached pass for the reference copy)."""
+        idx = utts.tolist()
+        if reference and self.lora is None and self._tower_trainable(self._hf):
+            if pe.ref_audio_hidden is None:
+                p = pe.prompts
+                pe.ref_audio_hidden = self._encode_audio(hf_model, p.input_features, p.feature_attention_mask)
+            hidden = [pe.ref_audio_hidden[i] for i in idx]
+        elif not reference and torch.is_grad_enabled() and self._tower_trainable(hf_model):
+            p = pe.prompts
+            hidden = self._encode_audio(hf_model, p.input_features[utts], p.feature_attention_mask[utts])
+        else:
+            hidden = [pe.audio_hidden[i] for i in idx]
+        return self._merge(hf_model, pe.input_ids[utts], hidden)
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(
+        self,
+        prompts: Prompts | PromptEmbeds,
+        group_size: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 64,
+        do_sample: bool = True,
+        mask_truncated: bool = False,
+        synced_gpus: bool | None = None,
+    ) -> Rollout:
+        """Sample ``group_size`` completions per prompt from the language model on cached prompt embeds.
+
+        Rows are ``repeat_interleave``d: rows b*G .. b*G+G-1 belong to utterance b. The audio special
+        tokens are suppressed (a sampled ``<|AUDIO|>`` would break re-scoring); generation stops at
+        ``<|im_end|>`` or the tokenizer's eos.
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.load()
+        pe = prompts if isinstance(prompts, PromptEmbeds) else self.encode_prompts(prompts)
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        if not do_sample:  # override sampling defaults from generation_config.json (avoids warnings)
+            sampling = {"temperature": None, "top_p": None, "top_k": None}
+        if synced_gpus is not None:
+            sampling["synced_gpus"] = synced_gpus
+        was_training = self._hf.training
+        self._hf.eval()  # no dropout / checkpointing during sampling
+        try:
+            out = self._hf.generate(
+                inputs_embeds=pe.inputs_embeds.repeat_interleave(group_size, 0),
+                attention_mask=pe.attention_mask.repeat_interleave(group_size, 0),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                suppress_tokens=self.audio_token_ids or None,
+                use_cache=True,
+                **sampling,
+            )
+        finally:
+            self._hf.train(was_training)
+        ids = out if isinstance(out, Tensor) else out.sequences
+        mask = completion_mask(ids, self.eos_token_ids, mask_truncated=mask_truncated)
+        ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
+        texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size)
+
+    def greedy(self, prompts: Prompts | PromptEmbeds, max_new_tokens: int = 64) -> list[str]:
+        """Greedy decoding, one completion per prompt (evaluation)."""
+        return self.rollout(prompts, 1, do_sample=False, max_new_tokens=max_new_tokens).texts
+
+    # ---------------------------------------------------------------------------------------- log-probs
+    def completion_logps(
+        self,
+        rollout: Rollout,
+        rows: slice | Tensor | Sequence[int] | None = None,
+        *,
+        temperature: float = 1.0,
+        reference: bool = False,
+        chunk_size: int = 1,
+    ) -> Tensor:
+        """Per-token log-probs of the completion tokens of the selected rows, (n, T).
+
+            logp[i, t] = log softmax(lm(prompt_i ; c_i[:t]) / temperature)[c_i[t]]
+
+        The language model runs on [prompt embeds ; embed(completion)] with positions cumsum(mask) - 1 (as
+        ``generate``); only the T hidden states that predict completion tokens go through ``lm_head``.
+        Differentiable in grad mode; ``reference=True`` scores under the reference policy with no grad.
+        Positions after the first EOS are scored too: mask them with ``rollout.completion_mask``.
+        """
+        self.load()
+        n_rows = len(rollout)
+        device = rollout.completion_ids.device
+        r = _as_row_index(rows, n_rows, device)
+        ctx = self.reference() if reference else contextlib.nullcontext(self._hf)
+        grad = contextlib.nullcontext() if not reference else torch.no_grad()
+        with grad, ctx as hf_model:
+            pe = rollout.prompt
+            utts, inverse = torch.unique(torch.div(r, rollout.group_size, rounding_mode="floor"), return_inverse=True)
+            prompt_embeds = self._prompt_embeds(hf_model, pe, utts, reference)[inverse]
+            completion = rollout.completion_ids[r]
+            embeds = torch.cat([prompt_embeds, self._embed(hf_model)(completion)], dim=1)
+            attention = torch.cat([pe.attention_mask[utts][inverse], torch.ones_like(completion)], dim=1)
+            positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = self._decoder(hf_model)(
+                inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=False
+            ).last_hidden_state
+            p, t = prompt_embeds.shape[1], completion.shape[1]
+            logits = hf_model.lm_head(hidden[:, p - 1 : p + t - 1])
+            return token_logprobs(logits, completion, temperature=temperature, chunk_size=chunk_size)
