@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 CANONICAL_EMOTIONS: tuple[str, ...] = (
     "neutral",
@@ -156,7 +155,7 @@ def vad_similarity(a: str, b: str) -> float:
     return 1.0 - math.dist(VAD_COORDINATES[a], VAD_COORDINATES[b]) / math.sqrt(3.0)
 
 
-SimilaritySpec = Union[str, Mapping[str, Mapping[str, float]], Sequence[Sequence[float]]]
+SimilaritySpec = str | Mapping[str, Mapping[str, float]] | Sequence[Sequence[float]]
 
 
 class SimilarityMatrix:

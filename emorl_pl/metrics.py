@@ -65,7 +65,9 @@ class SERMetrics(Metric):
             raise ValueError(f"got {len(preds)} predictions but {len(golds)} gold labels")
         bad = [g for g in golds if g not in self._index]
         if bad:
-            raise ValueError(f"gold labels {sorted(set(map(str, bad)))} are not in the label set {self.labels}")
+            raise ValueError(
+                f"gold labels {sorted(set(map(str, bad)))} are not in the label set {self.labels}"
+            )
         k1 = len(self.labels) + 1
         g = torch.tensor([self._index[x] for x in golds], dtype=torch.long, device=self.confusion.device)
         p = torch.tensor([self._pred_index(x) for x in preds], dtype=torch.long, device=self.confusion.device)

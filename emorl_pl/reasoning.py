@@ -91,7 +91,9 @@ def instruction(mode: str, labels: Sequence[str] | str) -> str:
         f"Choose exactly one of these labels: {label_list}.\n"
     )
     if mode == "ir":
-        return head + "Reply with the label only, inside answer tags, exactly like this:\n<answer>label</answer>"
+        return (
+            head + "Reply with the label only, inside answer tags, exactly like this:\n<answer>label</answer>"
+        )
     if mode == "eur":
         return head + (
             "First reason about the emotion inside <think> </think>, then give the label inside "

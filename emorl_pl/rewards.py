@@ -48,6 +48,8 @@ def alpha_at(schedule: str, progress: float, alpha_start: float = 1.0, alpha_end
 
 def eswr_reward(pred: str | None, gold: str, sim: SimilarityMatrix, gamma: float, alpha: float) -> float:
     """r = 1 if pred == gold; alpha * S(pred, gold) if S > gamma; else 0 (None or unknown pred: 0)."""
+    if gold not in sim.labels:
+        raise ValueError(f"gold label {gold!r} is not in the reward's label set {sim.labels}")
     if pred is None or pred not in sim.labels:
         return 0.0
     if pred == gold:
@@ -128,7 +130,9 @@ class ESWRReward:
         else:
             progress = _progress_list(columns, len(completions))
         return [
-            eswr_reward(parse_response(c, self.mode, self.labels).label, g, self.sim, self.gamma, self.alpha(p))
+            eswr_reward(
+                parse_response(c, self.mode, self.labels).label, g, self.sim, self.gamma, self.alpha(p)
+            )
             for c, g, p in zip(completions, labels, progress)
         ]
 
@@ -160,7 +164,9 @@ class AccuracyReward:
 
     def __call__(self, completions: list[str], labels: list[str], **columns: Any) -> list[float | None]:
         _check_lengths(completions, labels)
-        return [float(parse_response(c, self.mode, self.labels).label == g) for c, g in zip(completions, labels)]
+        return [
+            float(parse_response(c, self.mode, self.labels).label == g) for c, g in zip(completions, labels)
+        ]
 
 
 def build_reward(name_or_spec: str | Mapping[str, Any], labels: Sequence[str] | str, mode: str) -> RewardFn:
@@ -233,7 +239,9 @@ class RewardSet:
         per_reward = {name: list(fn(completions, labels, **columns)) for name, fn in self.fns.items()}
         for name, values in per_reward.items():
             if len(values) != len(completions):
-                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+                raise ValueError(
+                    f"reward {name!r} returned {len(values)} values for {len(completions)} completions"
+                )
         total = []
         for i in range(len(completions)):
             terms = [self.weights[n] * r[i] for n, r in per_reward.items() if r[i] is not None]

@@ -48,7 +48,9 @@ def test_format_response_uses_fields():
     # eur built from a structured record joins the parts into one think.
     eur = parse_response(format_response("eur", "sad", fields), "eur", LABELS)
     assert eur.format_ok and eur.fields["think"] == "I lost it all. Low, slow, breathy. Loss, flat voice."
-    assert parse_response(format_response("eur", "sad", {"think": "x"}), "eur", LABELS).fields == {"think": "x"}
+    assert parse_response(format_response("eur", "sad", {"think": "x"}), "eur", LABELS).fields == {
+        "think": "x"
+    }
 
 
 def test_format_response_errors():
@@ -95,8 +97,12 @@ def test_answer_text(answer, label, ok):
         (ESR + " Hope this helps.", "happy"),  # text after
         (ESR.replace("<summary>Good news, excited voice.</summary>", ""), "happy"),  # missing field
         (ESR.replace("Good news, excited voice.", "  "), "happy"),  # empty field
-        (ESR.replace("<content>She says she won.</content>", "")
-         .replace("</acoustics>", "</acoustics><content>She says she won.</content>"), "happy"),  # order
+        (
+            ESR.replace("<content>She says she won.</content>", "").replace(
+                "</acoustics>", "</acoustics><content>She says she won.</content>"
+            ),
+            "happy",
+        ),  # order
         (ESR.replace("</answer>", "</answer><answer>sad</answer>"), "sad"),  # two answers: last wins
         (ESR.replace("<think>", "<Think>"), "happy"),  # tags are lower case
         (ESR.replace("<think>", "<think>x"), "happy"),  # text between container tags
@@ -125,7 +131,9 @@ def test_mode_specific_templates():
         p = parse_response(text, mode, LABELS)
         assert not p.format_ok and p.label in ("angry", "happy")
     # Stray esr tags inside eur reasoning are not allowed.
-    assert not parse_response("<think><summary>loud</summary></think><answer>angry</answer>", "eur", LABELS).format_ok
+    assert not parse_response(
+        "<think><summary>loud</summary></think><answer>angry</answer>", "eur", LABELS
+    ).format_ok
     assert not parse_response("<think> </think><answer>angry</answer>", "eur", LABELS).format_ok
 
 

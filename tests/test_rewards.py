@@ -52,6 +52,8 @@ def test_eswr_scalar_rule():
     assert eswr_reward("neutral", "happy", sim, gamma=0.4, alpha=1.0) == 0.5  # neutral S = 0.5
     assert eswr_reward(None, "happy", sim, gamma=0.0, alpha=1.0) == 0.0
     assert eswr_reward("contempt", "angry", sim, gamma=0.0, alpha=1.0) == 0.0  # outside the label set
+    with pytest.raises(ValueError, match="gold label 'calm' is not in the reward's label set"):
+        eswr_reward("happy", "calm", sim, gamma=0.7, alpha=1.0)
 
 
 def test_eswr_reward_class_follows_progress():
@@ -79,8 +81,12 @@ def test_eswr_reward_class_follows_progress():
 
 
 def test_eswr_with_user_and_vad_similarity():
-    r = ESWRReward(("happy", "surprise", "sad"), similarity={"surprise": {"happy": 0.9}}, gamma=0.5,
-                   alpha_schedule="constant")
+    r = ESWRReward(
+        ("happy", "surprise", "sad"),
+        similarity={"surprise": {"happy": 0.9}},
+        gamma=0.5,
+        alpha_schedule="constant",
+    )
     assert r([esr("surprise"), esr("happy")], ["happy", "surprise"]) == pytest.approx([0.9, 0.0])
     rv = ESWRReward(("happy", "surprise", "sad"), similarity="vad", gamma=0.5, alpha_schedule="constant")
     # NRC VAD: happy (0.980, 0.824, 0.794), surprise (0.875, 0.875, 0.562)
@@ -104,7 +110,7 @@ def test_registry_and_build():
     assert isinstance(build_reward("format", LABELS, "ir"), FormatReward)
     r = build_reward({"name": "eswr", "gamma": 0.95}, LABELS, "eur")
     assert isinstance(r, ESWRReward) and r.gamma == 0.95 and r.mode == "eur"
-    with pytest.raises(ValueError, match="unknown reward 'lenght'; known rewards: accuracy, .*eswr, .*format"):
+    with pytest.raises(ValueError, match="unknown reward 'lenght'; known rewards: .*accuracy.*eswr.*format"):
         build_reward("lenght", LABELS, "esr")
     with pytest.raises(ValueError, match="no 'name' key"):
         build_reward({"gamma": 0.5}, LABELS, "esr")
@@ -159,7 +165,7 @@ def test_reward_set_none_handling():
 
 
 def test_reward_set_errors():
-    with pytest.raises(ValueError, match="unknown reward 'esw'; known rewards: accuracy, .*eswr, .*format"):
+    with pytest.raises(ValueError, match="unknown reward 'esw'; known rewards: .*accuracy.*eswr.*format"):
         RewardSet({"esw": 1.0}, LABELS, "esr")
     with pytest.raises(ValueError, match="listed twice"):
         RewardSet(["format", {"name": "format", "weight": 2}], LABELS, "esr")

@@ -240,6 +240,10 @@ class SampleDecodeError(ValueError):
     """A shard record that cannot be turned into a training sample (bad audio, JSON, label or field)."""
 
 
+class LabelOutsideSetError(SampleDecodeError):
+    """A known emotion that is not in the label set in use (expected, e.g. MELD's disgust under iemocap4)."""
+
+
 def decode_record(
     record: dict, *, sample_rate: int = 16000, max_duration: float | None = None,
     label_set: tuple[str, ...] | None = None,
@@ -264,10 +268,11 @@ def decode_record(
         raise SampleDecodeError(f"{where}: .json must be an object, got {type(meta).__name__}")
     if "label" not in meta:
         raise SampleDecodeError(f"{where}: .json lacks the 'label' field")
-    label = try_normalize_label(meta["label"], label_set)
+    label = try_normalize_label(meta["label"])
     if label is None:
-        allowed = f" (label set: {', '.join(label_set)})" if label_set else ""
-        raise SampleDecodeError(f"{where}: label {meta['label']!r} is unknown or outside the label set{allowed}")
+        raise SampleDecodeError(f"{where}: label {meta['label']!r} is not a known emotion")
+    if label_set is not None and label not in label_set:
+        raise LabelOutsideSetError(f"{where}: label {label!r} is outside the label set {list(label_set)}")
     try:
         audio, sr = decode_audio(record["flac"], where)
     except AudioReadError as exc:

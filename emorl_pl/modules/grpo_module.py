@@ -128,6 +128,9 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
         self.policy.load()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
+            self.policy.shard(mesh)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from emorl_pl.grpo import completion_mask, is_truncated, token_logprobs
+from emorl_pl.modules.sharding import is_sharded, shard_model
 
 AUDIO_SPECIAL_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 # Omni spells its audio tokens differently; suppress whichever of these the tokenizer knows.
-_AUDIO_TOKEN_CANDIDATES = AUDIO_SPECIAL_TOKENS + ("<|AUDIO|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")
+_AUDIO_TOKEN_CANDIDATES = AUDIO_SPECIAL_TOKENS + ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")
 MODEL_CLASSES = {
     "qwen2_audio": "transformers.Qwen2AudioForConditionalGeneration",
     "qwen2_5_omni_thinker": "transformers.Qwen2_5OmniThinkerForConditionalGeneration",
@@ -183,7 +184,7 @@ class AudioLMPolicy(nn.Module):
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
-        self._hf = hf_model  # plain attribute too: the unwrapped model, whatever peft does
+        # The unwrapped model as a plain (unregistered) attribute: peft injects LoRA into it in place.
         object.__setattr__(self, "_hf", hf_model)
         if self.freeze_audio_tower:
             self._audio_tower(hf_model).requires_grad_(False)
@@ -316,10 +317,41 @@ class AudioLMPolicy(nn.Module):
                 yield self._hf
             return
         ref = self._reference_model
-        param = next(self._hf.parameters())
-        if next(ref.parameters()).device != param.device:  # unregistered, so .to() on the policy skips it
-            ref.to(param.device)
+        param, ref_param = next(self._hf.parameters()), next(ref.parameters())
+        if (ref_param.device, ref_param.dtype) != (param.device, param.dtype):
+            ref.to(device=param.device, dtype=param.dtype)  # unregistered, so .to() on the policy skips it
         yield ref
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Names (relative to this policy, as in its ``state_dict``) of the parameters being trained."""
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.loaded and is_sharded(self._hf)
+
+    def shard(self, mesh) -> None:
+        """FSDP2: each transformer block, then every module called outside the root forward, then the root."""
+        self.load()
+        shard_model(self._hf, mesh, extra_units=list(self.direct_call_modules().values()))
+
+    def direct_call_modules(self) -> dict[str, nn.Module]:
+        """Submodules that ``completion_logps`` / ``encode_prompts`` call directly, bypassing the root forward.
+
+        Under FSDP2 (``fully_shard``) each must be (inside) its own sharded unit, not only the root's,
+        or their parameters are never all-gathered: shard the decoder layers, then these, then the root.
+        """
+        hf = self.hf_model
+        modules = {
+            "audio_tower": self._audio_tower(hf),
+            "embed_tokens": self._embed(hf),
+            "decoder": self._decoder(hf),
+            "lm_head": hf.lm_head,
+        }
+        projector = self._projector(hf)
+        if not isinstance(projector, nn.Identity):
+            modules["projector"] = projector
+        return modules
 
     def _tower_trainable(self, hf_model: nn.Module) -> bool:
         return any(p.requires_grad for p in self._audio_tower(hf_model).parameters())
@@ -451,9 +483,32 @@ class AudioLMPolicy(nn.Module):
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size)
 
-    def greedy(self, prompts: Prompts | PromptEmbeds, max_new_tokens: int = 64) -> list[str]:
+    def greedy(
+        self, prompts: Prompts | PromptEmbeds, max_new_tokens: int = 64, synced_gpus: bool | None = None
+    ) -> list[str]:
         """Greedy decoding, one completion per prompt (evaluation)."""
-        return self.rollout(prompts, 1, do_sample=False, max_new_tokens=max_new_tokens).texts
+        return self.rollout(prompts, 1, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus).texts
+
+    def teacher_forcing(self, prompts: Prompts | PromptEmbeds, targets: Sequence[str]) -> Rollout:
+        """A one-sample-per-prompt ``Rollout`` whose completions are the given target texts + EOS.
+
+        Scored with ``completion_logps`` it gives the supervised (cold-start) log-likelihood.
+        """
+        self.load()
+        pe = prompts if isinstance(prompts, PromptEmbeds) else self.encode_prompts(prompts)
+        if len(targets) != len(pe):
+            raise ValueError(f"got {len(targets)} targets for {len(pe)} prompts")
+        tok = self.processor.tokenizer
+        rows = [tok(t, add_special_tokens=False)["input_ids"] + [self.eos_token_ids[0]] for t in targets]
+        width = max(len(r) for r in rows)
+        device = pe.input_ids.device
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, device=device)
+            mask[i, : len(r)] = 1
+        truncated = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        return Rollout(pe, ids, mask, truncated, list(targets), 1)
 
     # ---------------------------------------------------------------------------------------- log-probs
     def completion_logps(

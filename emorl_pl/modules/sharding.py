@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 _BLOCK_SUFFIXES = ("DecoderLayer", "EncoderLayer")
-_FORWARD_METHODS = ("generate", "get_audio_features")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (decoder and encoder layers) that become FSDP units, outermost first."""
+    """The repeated blocks (decoder and encoder layers) that become FSDP units."""
     return [m for m in model.modules() if type(m).__name__.endswith(_BLOCK_SUFFIXES)]
 
 
@@ -27,30 +26,30 @@ def is_sharded(model: nn.Module) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
 
-def shard_model(model: nn.Module, mesh, *, reshard_after_forward: bool = True) -> nn.Module:
-    """Apply ``fully_shard`` per transformer block, then to the root. Idempotent.
+def _depth_sorted(model: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """Innermost first: fully_shard must see a unit's children sharded before the unit itself."""
+    depth = {id(m): name.count(".") + 1 for name, m in model.named_modules() if name}
+    unique = {id(m): m for m in modules if id(m) in depth}
+    return sorted(unique.values(), key=lambda m: -depth[id(m)])
 
-    ``mesh`` is the strategy's device mesh (its ``data_parallel`` dimension is used when present).
+
+def shard_model(
+    model: nn.Module, mesh, *, extra_units: list[nn.Module] = (), reshard_after_forward: bool = True
+) -> nn.Module:
+    """Apply ``fully_shard`` per transformer block, then to ``extra_units``, then to the root. Idempotent.
+
+    ``extra_units``: modules called directly rather than through the root forward (embeddings, the
+    decoder stack, lm_head, the audio tower): each must be a unit of its own or its parameters are
+    never gathered. ``mesh`` is the strategy's device mesh (its ``data_parallel`` dimension is used).
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):
         return model
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    # Embeddings are looked up outside the root forward (prompt encoding), so they are their own unit.
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(embeddings, nn.Module):
-        fully_shard(embeddings, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    for unit in _depth_sorted(model, transformer_blocks(model) + list(extra_units)):
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    for name in _FORWARD_METHODS:
-        target = model
-        # peft wraps the model: the method lives on the wrapped base model.
-        while not hasattr(type(target), name) and hasattr(target, "base_model") and target.base_model is not target:
-            target = target.base_model
-        if hasattr(type(target), name) and target is model:
-            register_fsdp_forward_method(model, name)
     return model
 
 

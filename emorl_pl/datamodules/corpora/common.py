@@ -21,6 +21,7 @@ Split rules used by all converters (documented once here):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -286,3 +287,21 @@ def audio_files(root: Path, suffixes: Sequence[str] = (".wav", ".flac")) -> list
         raise FileNotFoundError(f"corpus folder not found: {root}")
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and not p.name.startswith("._")
                   and p.is_file())
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; ValueError naming file and line for bad JSON."""
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON: {exc}") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+    return rows

@@ -119,6 +119,9 @@ def convert_plan(
         if taken:
             raise ConversionError(f"refusing to overwrite existing shards in {', '.join(map(str, taken))}; "
                                   "pass --overwrite (overwrite=True) to replace them")
+    if plan.utterances and not any(resolve_audio(u.path).is_file() for u in plan.utterances):
+        raise ConversionError(f"none of the {len(plan.utterances)} planned audio files exists (e.g. "
+                              f"{plan.utterances[0].path}); check the audio root / corpus folder")
     check_ffmpeg_available(plan.utterances)
     indexes: dict[str, dict] = {}
     for split in splits:
@@ -139,9 +142,9 @@ def convert_plan(
     written = sum(ix["num_samples"] for ix in indexes.values())
     _write_summary(out_dir, plan, indexes)
     if plan.utterances and written == 0:
-        first = next((f for ix in indexes.values() for f in ix["skipped_files"]), None)
+        first = next((f["reason"] for ix in indexes.values() for f in ix["skipped_files"]), None)
         raise ConversionError(f"none of the {len(plan.utterances)} planned audio files could be read "
-                              f"(first: {first}); check the audio root / corpus folder")
+                              f"(first: {first}); check the audio files")
     return indexes
 
 

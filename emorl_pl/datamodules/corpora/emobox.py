@@ -37,6 +37,7 @@ from emorl_pl.datamodules.corpora.common import (
     hold_out,
     make_key,
     map_label,
+    read_jsonl,
 )
 
 _IEMOCAP_KEY = re.compile(r"^Ses(\d\d)[FM]_.+_([FM])\d+$")
@@ -85,24 +86,6 @@ def find_emobox_files(corpus_dir: str | Path, fold: int, manifest: str | Path | 
         folds = sorted(p.name for p in corpus_dir.glob("fold_*") if p.is_dir())
         raise FileNotFoundError(f"EmoBox test file for fold {fold} not found: {test} (folds here: {folds})")
     return EmoBoxFiles(manifest, label_map, test, valid if valid.is_file() else None)
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; ValueError naming file and line for bad JSON."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON: {exc}") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((n, obj))
-    return rows
 
 
 def read_label_map(path: str | Path) -> dict[str, str]:

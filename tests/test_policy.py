@@ -1,0 +1,251 @@
+"""AudioLMPolicy on the tiny Qwen2-Audio: prompt merge, rollout, log-probs vs the model's own forward,
+audio encoded once, LoRA scoping, reference policy, full fine-tuning, gradient checkpointing."""
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from transformers import Qwen2AudioForConditionalGeneration
+
+from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+from emorl_pl.modules.tiny import build_tiny_qwen2_audio
+
+SR = 16000
+G = 3
+INSTRUCTION = "What is the emotion of the speaker?"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _waves(lengths=(8000, 24000, 40000), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [0.1 * torch.randn(n, generator=g) for n in lengths]
+
+
+def _perturb_lora(policy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _reference_logps(model, prompts, rollout, temperature=1.0, positions=True):
+    """Independent path: the model's own forward on input_ids + input_features of the full sequence."""
+    utt = torch.arange(len(rollout)) // rollout.group_size
+    completion = rollout.completion_ids
+    ids = torch.cat([prompts.input_ids[utt], completion], 1)
+    attention = torch.cat([prompts.attention_mask[utt], torch.ones_like(completion)], 1)
+    kwargs = {"position_ids": (attention.cumsum(-1) - 1).clamp(min=0)} if positions else {}
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention, input_features=prompts.input_features[utt],
+                       feature_attention_mask=prompts.feature_attention_mask[utt], **kwargs).logits
+    p, t = prompts.input_ids.shape[1], completion.shape[1]
+    logp = torch.log_softmax(logits[:, p - 1 : p + t - 1].double() / temperature, -1)
+    return logp.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def lora_policy(tiny_dir):
+    policy = AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4, alpha=8)).load()
+    _perturb_lora(policy)
+    return policy
+
+
+def test_encode_prompts_matches_model_forward(lora_policy):
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
+    pe = lora_policy.encode_prompts(prompts)
+    model = lora_policy.hf_model
+    with torch.no_grad():
+        full = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                     input_features=prompts.input_features,
+                     feature_attention_mask=prompts.feature_attention_mask).logits
+        ours = model(inputs_embeds=pe.inputs_embeds, attention_mask=pe.attention_mask).logits
+    valid = prompts.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], full[valid], atol=1e-5, rtol=1e-5)
+    assert pe.inputs_embeds.shape == (3, prompts.input_ids.shape[1], 64)
+
+
+def test_build_prompts_pads_left_resamples_and_crops(lora_policy):
+    tok = lora_policy.processor.tokenizer
+    prompts = lora_policy.build_prompts(_waves((8000, 4000)), 8000, INSTRUCTION, texts=["hello", None])
+    # 1 s and 0.5 s at 8 kHz -> 100 and 50 mel frames at 16 kHz
+    assert prompts.feature_attention_mask.sum(-1).tolist() == [100, 50]
+    assert prompts.attention_mask[1, 0] == 0 and prompts.attention_mask[:, -1].all()  # left padding
+    text = tok.decode(prompts.input_ids[0][prompts.attention_mask[0].bool()])
+    assert 'Transcript: "hello"\n' + INSTRUCTION in text and text.endswith("<|im_start|>assistant\n")
+    long = lora_policy.build_prompts(_waves((5 * SR,)), SR, INSTRUCTION)
+    assert long.feature_attention_mask.sum().item() == 200  # cropped to chunk_length = 2 s
+    with pytest.raises(ValueError, match=r"waveforms\[1\]"):
+        lora_policy.build_prompts([torch.zeros(100), torch.zeros(2, 100)], SR, INSTRUCTION)
+
+
+def test_rollout_shapes_groups_and_masks(lora_policy):
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    torch.manual_seed(0)
+    rollout = lora_policy.rollout(prompts, G, max_new_tokens=12, temperature=1.3)
+    ids, mask = rollout.completion_ids, rollout.completion_mask
+    assert ids.shape[0] == 3 * G and ids.shape[1] <= 12 and mask.shape == ids.shape
+    assert len(rollout.texts) == 3 * G and len(rollout.prompt) == 3
+    audio_ids = [lora_policy.processor.tokenizer.convert_tokens_to_ids(t)
+                 for t in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")]
+    assert not torch.isin(ids, torch.tensor(audio_ids)).any()
+    eos = torch.tensor(lora_policy.eos_token_ids)
+    for row, m in zip(ids, mask):  # mask is 1 up to and including the first EOS, pad after
+        hits = torch.isin(row, eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else len(row)
+        assert m.tolist() == [1] * end + [0] * (len(row) - end)
+        assert (row[end:] == lora_policy.pad_token_id).all()
+    # greedy with G copies: rows b*G..b*G+G-1 all continue prompt b
+    greedy = lora_policy.rollout(prompts, G, do_sample=False, max_new_tokens=6)
+    grouped = greedy.completion_ids.view(3, G, -1)
+    assert (grouped == grouped[:, :1]).all()
+    assert lora_policy.greedy(prompts, max_new_tokens=6) == greedy.texts[::G]
+
+
+def test_audio_special_tokens_are_suppressed(tiny_dir):
+    policy = AudioLMPolicy(tiny_dir).load()
+    audio_id = policy.processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    with torch.no_grad():  # make <|AUDIO|> the overwhelming favourite of the raw model
+        policy.hf_model.lm_head.weight[audio_id] = 50 * policy.hf_model.model.language_model.norm.weight
+    prompts = policy.build_prompts(_waves((8000,)), SR, INSTRUCTION)
+    pe = policy.encode_prompts(prompts)
+    with torch.no_grad():
+        raw = policy.hf_model(inputs_embeds=pe.inputs_embeds, attention_mask=pe.attention_mask).logits
+    assert raw[0, -1].argmax() == audio_id
+    rollout = policy.rollout(pe, 4, max_new_tokens=8)
+    assert not (rollout.completion_ids == audio_id).any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logps_match_full_forward(lora_policy, temperature):
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    torch.manual_seed(1)
+    rollout = lora_policy.rollout(prompts, G, max_new_tokens=10)
+    expected = _reference_logps(lora_policy.hf_model, prompts, rollout, temperature)
+    got = lora_policy.completion_logps(rollout, temperature=temperature)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    rows = torch.tensor([7, 1, 4])
+    torch.testing.assert_close(lora_policy.completion_logps(rollout, rows, temperature=temperature).double(),
+                               expected[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora_policy.completion_logps(rollout, slice(2, 5), temperature=temperature).double(),
+                               expected[2:5], atol=1e-5, rtol=1e-5)
+
+
+def test_completion_logps_single_prompt_default_positions(lora_policy):
+    # one unpadded prompt: the model's own default positions (arange) need no help from us
+    prompts = lora_policy.build_prompts(_waves((16000,)), SR, INSTRUCTION)
+    torch.manual_seed(2)
+    rollout = lora_policy.rollout(prompts, 2, max_new_tokens=8)
+    expected = _reference_logps(lora_policy.hf_model, prompts, rollout, positions=False)
+    torch.testing.assert_close(lora_policy.completion_logps(rollout).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_audio_encoded_once_per_utterance(lora_policy):
+    lora_policy.audio_encoder_calls = lora_policy.audio_utterances_encoded = 0
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    rollout = lora_policy.rollout(prompts, G, max_new_tokens=8)
+    with torch.no_grad():
+        lora_policy.completion_logps(rollout)
+        lora_policy.completion_logps(rollout, reference=True)
+    for rows in (slice(0, 4), slice(4, 9)):
+        lora_policy.completion_logps(rollout, rows).sum().backward()
+    assert lora_policy.audio_encoder_calls == 1
+    assert lora_policy.audio_utterances_encoded == 3
+
+
+def test_lora_scoped_to_language_model(lora_policy):
+    trainable = [n for n, p in lora_policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {id(p) for p in lora_policy.trainable_parameters()} == {
+        id(p) for n, p in lora_policy.named_parameters() if p.requires_grad}
+    lora_layers = [n for n, m in lora_policy.hf_model.named_modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
+    assert all(".language_model.layers." in n for n in lora_layers)
+    assert not any("audio_tower" in n or "projector" in n for n in lora_layers)
+
+
+def test_reference_equals_fresh_base_model(lora_policy, tiny_dir):
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    torch.manual_seed(3)
+    rollout = lora_policy.rollout(prompts, G, max_new_tokens=10)
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    expected = _reference_logps(base, prompts, rollout)
+    ref = lora_policy.completion_logps(rollout, reference=True)
+    assert not ref.requires_grad
+    torch.testing.assert_close(ref.double(), expected, atol=1e-5, rtol=1e-5)
+    policy = lora_policy.completion_logps(rollout)
+    assert (policy.double() - expected).abs().max() > 1e-2  # the perturbed adapters do change the policy
+
+
+def test_full_finetune_reference_is_a_hidden_frozen_copy(tiny_dir):
+    policy = AudioLMPolicy(tiny_dir, lora=None).load()
+    model = policy.hf_model
+    assert set(policy.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+    trainable = {id(p) for p in policy.trainable_parameters()}
+    tower = {id(p) for p in model.model.audio_tower.parameters()}
+    assert trainable == {id(p) for p in model.parameters()} - tower
+    ref_params = list(policy._reference_model.parameters())
+    assert not any(id(p) in trainable or p.requires_grad for p in ref_params)
+    assert sum(1 for _ in policy.parameters()) == sum(1 for _ in model.parameters())
+
+    prompts = policy.build_prompts(_waves(), SR, INSTRUCTION)
+    torch.manual_seed(4)
+    rollout = policy.rollout(prompts, 2, max_new_tokens=8)
+    before = policy.completion_logps(rollout, reference=True)
+    with torch.no_grad():  # a "training step" on every trainable weight
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after_ref = policy.completion_logps(rollout, reference=True)
+    torch.testing.assert_close(after_ref, before, atol=1e-6, rtol=1e-6)
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    torch.testing.assert_close(after_ref.double(), _reference_logps(base, prompts, rollout), atol=1e-5, rtol=1e-5)
+    moved = policy.completion_logps(rollout)
+    torch.testing.assert_close(moved.double(), _reference_logps(model, prompts, rollout), atol=1e-5, rtol=1e-5)
+    moved.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.model.multi_modal_projector.linear.weight.grad is not None
+
+
+def test_trainable_audio_tower_gets_gradients(tiny_dir):
+    policy = AudioLMPolicy(tiny_dir, lora=None, freeze_audio_tower=False).load()
+    prompts = policy.build_prompts(_waves((8000, 16000)), SR, INSTRUCTION)
+    rollout = policy.rollout(prompts, 2, max_new_tokens=6)
+    assert policy.audio_encoder_calls == 1
+    logps = policy.completion_logps(rollout, slice(0, 2))  # rows of utterance 0 only
+    assert policy.audio_encoder_calls == 2 and policy.audio_utterances_encoded == 3
+    logps.sum().backward()
+    assert policy.hf_model.model.audio_tower.conv1.weight.grad is not None
+    torch.testing.assert_close(
+        logps.detach().double(), _reference_logps(policy.hf_model, prompts, rollout)[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_logps_and_grads(tiny_dir):
+    policies = []
+    for checkpointing in (False, True):
+        policy = AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4), gradient_checkpointing=checkpointing).load()
+        _perturb_lora(policy, seed=5)
+        policies.append(policy.train())
+    prompts = policies[0].build_prompts(_waves(), SR, INSTRUCTION)
+    torch.manual_seed(6)
+    rollout = policies[0].rollout(prompts, 2, max_new_tokens=8)
+    results = []
+    for policy in policies:
+        logps = policy.completion_logps(rollout)
+        (logps * rollout.completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        results.append((logps.detach(), grads))
+    assert policies[1].hf_model.is_gradient_checkpointing
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_missing_model_dir_is_named(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        AudioLMPolicy(str(missing)).load()
+    with pytest.raises(ValueError, match="dtype"):
+        AudioLMPolicy(str(missing), dtype="float64")
