@@ -93,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="generate the synthetic prosody-coded emotional speech corpus")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (the corpus is a pure function of its options)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    p.add_argument("--labels", default=None, help="label set name or comma-separated labels (default: iemocap4)")
+    p.add_argument("--num-speakers", type=int, default=None, help="speakers (default: the generator's)")
+    p.add_argument("--per-label", type=int, default=None, help="utterances per speaker and label (default: the generator's)")
     return parser
 
 
@@ -148,7 +151,14 @@ def _run_synth(args: argparse.Namespace) -> int:
         from emorl_pl.datamodules.synth import write_synth_corpus
     except ImportError as exc:
         raise ValueError(f"the synthetic corpus generator is not available: {exc}") from exc
-    result = write_synth_corpus(args.out, seed=args.seed, overwrite=args.overwrite)
+    options = {}
+    if args.labels:
+        options["labels"] = [x.strip() for x in args.labels.split(",")] if "," in args.labels else args.labels
+    if args.num_speakers is not None:
+        options["num_speakers"] = args.num_speakers
+    if args.per_label is not None:
+        options["utterances_per_speaker_per_label"] = args.per_label
+    result = write_synth_corpus(args.out, seed=args.seed, overwrite=args.overwrite, **options)
     print(f"synthetic corpus written to {args.out}")
     if isinstance(result, dict):
         for split, ix in result.items():
@@ -180,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_summary(plan, indexes))
         print(f"shards in {args.out}")
         return 0
+    except FileExistsError as exc:
+        print(f"emorl-data {args.command}: error: {exc} (on the command line: --overwrite)", file=sys.stderr)
+        return 1
     except (ValueError, OSError, ConversionError) as exc:
         # Bad input, refused overwrite, FFmpeg needed, --strict stop: one clear line, no traceback.
         print(f"emorl-data {args.command}: error: {exc}", file=sys.stderr)

@@ -7,8 +7,8 @@ voiced source is a sawtooth glottal pulse train following an f0 contour in semit
 
 with per-period jitter (relative period noise) and shimmer (relative amplitude noise), plus breath noise.
 Each syllable is filtered in the frequency domain by a spectral tilt of ``tilt`` dB/octave above 500 Hz
-(the sawtooth alone gives -6 dB/oct) and three vowel formants (2nd-order resonance magnitudes, scaled by
-the speaker's vocal-tract factor), then shaped by a raised-cosine envelope. The utterance is scaled to an
+(the sawtooth alone gives -6 dB/oct) and three vowel formants (resonance bumps, scaled by
+the speaker's vocal-tract factor, see _formant_gain), then shaped by a raised-cosine envelope. The utterance is scaled to an
 RMS of ``ref * 10 ** (loudness_db / 20)`` and soft-limited with tanh.
 
 Emotion = offsets from the speaker's baseline, as acted speech shows them (angry: high, loud, fast, tense,
@@ -44,9 +44,9 @@ REF_RMS = 0.05  # speaker baseline loudness, about -26 dBFS
 PROFILES: dict[str, dict[str, Any]] = {
     "neutral": dict(pitch=0.0, range=3.0, contour="flat", rate=1.00, loud=0.0, jitter=0.005, shimmer=0.03,
                     breath=0.05, tilt=-11.0),
-    "happy": dict(pitch=4.0, range=9.0, contour="rising", rate=1.10, loud=4.0, jitter=0.008, shimmer=0.05,
-                  breath=0.05, tilt=-8.0),
-    "angry": dict(pitch=3.0, range=6.0, contour="falling", rate=1.20, loud=8.0, jitter=0.015, shimmer=0.08,
+    "happy": dict(pitch=5.0, range=9.0, contour="rising", rate=1.15, loud=4.0, jitter=0.008, shimmer=0.05,
+                  breath=0.05, tilt=-7.5),
+    "angry": dict(pitch=3.0, range=6.0, contour="falling", rate=1.25, loud=9.0, jitter=0.015, shimmer=0.08,
                   breath=0.02, tilt=-4.0),
     "sad": dict(pitch=-2.0, range=1.5, contour="falling", rate=0.70, loud=-6.0, jitter=0.010, shimmer=0.06,
                 breath=0.30, tilt=-15.0),
@@ -87,17 +87,23 @@ def make_speakers(num_speakers: int, seed: int) -> list[Speaker]:
         speakers.append(Speaker(
             name=f"synth_{'f' if female else 'm'}{i:02d}", sex="female" if female else "male",
             f0_hz=float(rng.uniform(180, 235) if female else rng.uniform(95, 135)),
-            rate=float(rng.uniform(3.8, 5.2)), loud_db=float(rng.uniform(-3, 3)),
+            rate=float(rng.uniform(3.8, 5.2)), loud_db=float(rng.uniform(-2, 2)),
             vtl=float(rng.uniform(1.1, 1.2) if female else rng.uniform(0.95, 1.05)),
-            expressiveness=float(rng.uniform(0.7, 1.2)),
+            expressiveness=float(rng.uniform(0.8, 1.2)),
         ))
     return speakers
 
 
-def _resonance(freqs: np.ndarray, formant: float, bandwidth: float) -> np.ndarray:
-    """|H(f)| of a 2nd-order resonator with unit gain at DC: 1 / sqrt((1 - (f/F)^2)^2 + (f B / F^2)^2)."""
-    r = freqs / formant
-    return 1.0 / np.sqrt((1.0 - r**2) ** 2 + (freqs * bandwidth / formant**2) ** 2)
+def _formant_gain(freqs: np.ndarray, formants: np.ndarray) -> np.ndarray:
+    """Parallel formant bumps on a floor: 0.1 + sum_i w_i / (1 + ((f - F_i) / (B_i / 2))^2), w = (1, .7, .5).
+
+    Parallel (not cascade) so that the overall slope stays the source's tilt: a cascade's -12 dB/oct per
+    resonator would swamp the voice-quality differences the emotions carry.
+    """
+    gain = np.full_like(freqs, 0.1)
+    for formant, bw, w in zip(formants, FORMANT_BW, (1.0, 0.7, 0.5)):
+        gain += w / (1.0 + ((freqs - formant) / (bw / 2)) ** 2)
+    return gain
 
 
 def _filter_segment(x: np.ndarray, sr: int, formants: np.ndarray, tilt_db_oct: float) -> np.ndarray:
@@ -106,9 +112,7 @@ def _filter_segment(x: np.ndarray, sr: int, formants: np.ndarray, tilt_db_oct: f
     spec = np.fft.rfft(x, n)
     f = np.fft.rfftfreq(n, 1.0 / sr)
     gain_db = (tilt_db_oct + 6.0) * np.log2(np.maximum(f, 500.0) / 500.0)
-    h = 10.0 ** (gain_db / 20.0)
-    for formant, bw in zip(formants, FORMANT_BW):
-        h = h * _resonance(f, formant, bw)
+    h = 10.0 ** (gain_db / 20.0) * _formant_gain(f, formants)
     return np.fft.irfft(spec * h, n)[: len(x)]
 
 
@@ -158,7 +162,7 @@ def synthesize_utterance(speaker: Speaker, label: str, rng: np.random.Generator,
     pitch_st = e * prof["pitch"] + rng.normal(0, 1.5)
     range_st = max(0.5, prof["range"] * (0.6 + 0.4 * e) * float(np.exp(rng.normal(0, 0.25))))
     rate = speaker.rate * (1 + e * (prof["rate"] - 1)) * float(np.exp(rng.normal(0, 0.1)))
-    loud_rel = speaker.loud_db + e * prof["loud"] + rng.normal(0, 2.5)
+    loud_rel = speaker.loud_db + e * prof["loud"] + rng.normal(0, 2.0)
     jitter = prof["jitter"] * float(np.exp(rng.normal(0, 0.25)))
     shimmer = prof["shimmer"] * float(np.exp(rng.normal(0, 0.25)))
     breath = prof["breath"] * float(np.exp(rng.normal(0, 0.3)))

@@ -71,6 +71,8 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: sequences per forward/backward, to bound memory.
         accumulate_grad_batches: batches of prompts per optimizer step.
         sft_steps: supervised cold-start steps before GRPO (0 = none); ``sft_lr`` their LR.
+        sampling_seed: sampling is seeded from (sampling_seed, step, accumulation index, rank), so a
+            resumed run samples exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class GRPOModule(L.LightningModule):
         sft_steps: int = 0,
         sft_lr: float | None = None,
         eval_max_new_tokens: int | None = None,
+        sampling_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "optimizer"])
@@ -224,7 +227,9 @@ class GRPOModule(L.LightningModule):
         progress = self._progress()
 
         prompts = self._prompts(batch)
-        with torch.no_grad():
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self._sampling_seed())
             embeds = self.policy.encode_prompts(prompts)
             rollout = self.policy.rollout(
                 embeds,
@@ -288,6 +293,10 @@ class GRPOModule(L.LightningModule):
         self._log_step(scored, rewards, zero_std, rollout, labels, keep, loss_total, stats_acc, progress, grad_norm)
         self._last_rollout = (batch.get("keys"), group_labels, rollout.texts, scored)
         return loss_total
+
+    def _sampling_seed(self) -> int:
+        seed = (self.hparams.sampling_seed, self.global_step, self._accum, self.global_rank)
+        return (seed[0] * 1_000_003 + seed[1] * 10_007 + seed[2] * 101 + seed[3]) % (2**62)
 
     def _advantages(self, rewards: torch.Tensor, G: int) -> torch.Tensor:
         scale = self.hparams.scale_rewards
@@ -397,7 +406,11 @@ class GRPOModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._accum = int(checkpoint.get("emorl_accumulated_batches", 0))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["emorl_accumulated_batches"] = self._accum
         # Only trainable weights: the frozen base comes from model_dir, the reference is never saved.
         trainable = {f"policy.{name}" for name in self.policy.trainable_parameter_names()}
         state = checkpoint.get("state_dict")

@@ -1,0 +1,152 @@
+"""Checkpoint IO: atomic writes, reading a file or a sharded folder, consolidation into one file.
+
+Atomic: a checkpoint is written under a temporary name in its own folder and renamed into place only when
+complete (``os.replace``), so a process killed mid-save never leaves a half-written ``last.ckpt`` that
+``--ckpt_path last`` would pick. The temporary names end in ``.tmp`` (file) / ``.tmp`` (folder), which
+``ModelCheckpoint`` does not treat as checkpoints.
+
+A sharded checkpoint (``ModelParallelStrategy`` / ``FSDP2Strategy``) is a folder of ``*.distcp`` files,
+a ``.metadata`` index and ``meta.pt`` (loop, scheduler, callback and datamodule state). Consolidate it:
+
+    emorl-export --consolidate runs/x/checkpoints/last.ckpt --out last-full.ckpt
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+METADATA_FILENAME = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+DCP_INDEX = ".metadata"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(path: str | Path) -> Path:
+    """``<dir>/<name>.<random>.tmp``: same folder (so the rename is atomic), never matched as a checkpoint."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def commit_directory(tmp: str | Path, path: str | Path) -> None:
+    """Move a completely written folder ``tmp`` onto ``path`` (replacing a file or folder there).
+
+    A folder cannot be atomically replaced by another non-empty one, so an existing ``path`` is first
+    renamed aside to ``<path>.<random>.tmp`` and deleted after; a crash between the two renames leaves
+    no ``path`` (``--ckpt_path last`` then finds an older checkpoint or none), never a mixed one.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = None
+    if path.is_dir():
+        old = tmp_path_for(path)
+        os.replace(path, old)
+    elif path.exists():
+        path.unlink()
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` whose single-file saves are atomic (single device, DDP).
+
+    Use: ``trainer: {plugins: [emorl_pl.checkpointing.AtomicCheckpointIO]}``. (``FSDP2Strategy`` writes
+    its sharded folders atomically itself.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / DCP_INDEX).is_file()
+
+
+def consolidate_sharded_checkpoint(ckpt_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """One ``torch.load``-able file from a sharded checkpoint folder; returns the consolidated dict.
+
+    ``dcp_to_torch_save`` gathers the tensors (``{"state_dict": ..., "optimizer_0": ...}``, keys as the
+    LightningModule names them); ``meta.pt`` adds global step, loops, schedulers and datamodule state.
+    Runs in one process, no process group needed.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt_dir = Path(ckpt_dir)
+    if not is_sharded_checkpoint(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a sharded checkpoint folder (no {DCP_INDEX} inside)")
+    out = Path(out)
+    tmp = tmp_path_for(out)
+    try:
+        dcp_to_torch_save(ckpt_dir, tmp)
+        tensors = torch.load(tmp, map_location="cpu", weights_only=False)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    meta_path = ckpt_dir / METADATA_FILENAME
+    meta = torch.load(meta_path, map_location="cpu", weights_only=False) if meta_path.is_file() else {}
+    full = {**meta, **tensors}
+    atomic_torch_save(full, out)
+    return full
+
+
+def load_checkpoint_file_or_folder(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as one dict, from a ``.ckpt`` file or a sharded folder (consolidated in memory)."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        scratch = tmp_path_for(path.with_name(path.name + ".consolidated"))
+        try:
+            return consolidate_sharded_checkpoint(path, scratch)
+        finally:
+            if scratch.exists():
+                scratch.unlink()
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder but not a sharded checkpoint (no {DCP_INDEX} inside)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def policy_state_dict(checkpoint: dict[str, Any], prefix: str = "policy.") -> dict[str, torch.Tensor]:
+    """The policy's tensors from a GRPOModule checkpoint, keys relative to the policy (prefix removed)."""
+    if "state_dict" not in checkpoint:
+        raise KeyError(f"checkpoint has no 'state_dict' (keys: {sorted(checkpoint)[:10]})")
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise KeyError(f"checkpoint 'state_dict' has no key starting with {prefix!r}")
+    return state
