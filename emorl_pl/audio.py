@@ -80,5 +80,12 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if sr_in == sr_out:
         return x
-    y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), int(sr_in), int(sr_out))
+    # One intra-op thread: on a 2-core CPU the multi-threaded conv1d was measured 20x slower for some
+    # lengths (thread contention), and a 1-D resample gains nothing from threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), int(sr_in), int(sr_out))
+    finally:
+        torch.set_num_threads(threads)
     return y.numpy().astype(np.float32, copy=False)

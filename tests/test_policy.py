@@ -245,7 +245,17 @@ def test_gradient_checkpointing_same_logps_and_grads(tiny_dir):
 
 def test_missing_model_dir_is_named(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match="nope"):
-        AudioLMPolicy(str(missing)).load()
+    # At construction (config time), before any weights are loaded, naming the config key.
+    with pytest.raises(FileNotFoundError, match="model_dir=.*nope"):
+        AudioLMPolicy(str(missing))
     with pytest.raises(ValueError, match="dtype"):
-        AudioLMPolicy(str(missing), dtype="float64")
+        AudioLMPolicy(str(tmp_path), dtype="float64")
+    # An existing folder that holds no model fails at load, naming it.
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AudioLMPolicy(str(tmp_path)).load()
+
+
+def test_build_tiny_if_missing(tmp_path):
+    target = tmp_path / "tiny"
+    policy = AudioLMPolicy(str(target), build_tiny_if_missing=True).load()
+    assert (target / "config.json").is_file() and policy.processor is not None

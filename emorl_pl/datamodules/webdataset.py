@@ -67,9 +67,11 @@ Batch = dict[str, Any]
 
 
 def collate_samples(samples: list[dict], sample_rate: int) -> Batch:
-    """Lists, no padding: decoded samples -> the model-agnostic batch dict."""
+    """Lists, no padding: decoded samples -> the model-agnostic batch dict (waveforms still numpy here;
+    ShardLoader makes them tensors in the main process, because sending many small tensors from workers
+    through shared memory was measured slower than pickling arrays)."""
     return {
-        "waveforms": [torch.from_numpy(np.ascontiguousarray(s["waveform"])) for s in samples],
+        "waveforms": [np.ascontiguousarray(s["waveform"], dtype=np.float32) for s in samples],
         "sample_rate": sample_rate,
         "labels": [s["label"] for s in samples],
         "keys": [s["key"] for s in samples],
@@ -303,6 +305,7 @@ class ShardLoader:
             if delivered <= skip:
                 continue
             self.batches = delivered
+            batch["waveforms"] = [torch.from_numpy(w) for w in batch["waveforms"]]
             yield batch
         if self.stream.train:
             self.epoch, self.batches = self.epoch + 1, 0

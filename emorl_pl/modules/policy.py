@@ -137,8 +137,16 @@ class AudioLMPolicy(nn.Module):
         lora: LoraSettings | None = None,
         freeze_audio_tower: bool = True,
         system_prompt: str | None = None,
+        build_tiny_if_missing: bool = False,
     ) -> None:
         super().__init__()
+        if not build_tiny_if_missing and not Path(model_dir).is_dir():
+            # Fail at config time, before anything is loaded.
+            raise FileNotFoundError(
+                f"model.init_args.policy.init_args.model_dir={model_dir!r} does not exist (a local Hugging Face "
+                "model folder is expected; set build_tiny_if_missing: true to build the tiny test model there)"
+            )
+        self.build_tiny_if_missing = build_tiny_if_missing
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.model_dir = model_dir
@@ -166,6 +174,10 @@ class AudioLMPolicy(nn.Module):
         from transformers import AutoConfig, AutoProcessor
 
         path = Path(self.model_dir)
+        if self.build_tiny_if_missing and not (path / "config.json").is_file():
+            from emorl_pl.modules.tiny import ensure_tiny_model
+
+            ensure_tiny_model(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model_dir {str(path)!r} does not exist or is not a directory")
         if not (path / "config.json").is_file():

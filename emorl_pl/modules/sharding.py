@@ -4,9 +4,9 @@ Why FSDP2 and not Lightning's FSDPStrategy: FSDP1 breaks ``manual_backward`` ins
 (Lightning issues #19626, #19685) and refuses CPU. ``ModelParallelStrategy(data_parallel_size=N,
 tensor_parallel_size=1)`` gives a 1-D data-parallel mesh; each transformer block (audio encoder and
 language model) becomes its own FSDP unit, then the root, so only one block's full weights live on a
-device at a time. Calls that bypass the root's forward (embedding lookups, the audio tower's feature
-function used to encode the audio once per group) are registered as FSDP forward methods so that
-their parameters are gathered too.
+device at a time. Modules that the policy calls directly, bypassing the root's forward (embeddings,
+the decoder stack, lm_head, the audio tower), are units of their own so that their parameters are
+gathered when called; the root is lazily initialised right away so that it stays the root.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ def shard_model(
     for unit in _depth_sorted(model, transformer_blocks(model) + list(extra_units)):
         fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    # FSDP2 picks as root the first unit that runs forward; the policy calls embed_tokens / the audio
+    # tower directly, which would make them roots and the later ``model.generate`` fail ("requires
+    # running forward through the root module first"). Initialising now fixes the root to ``model``.
+    model._get_fsdp_state()._lazy_init()
     return model
 
 

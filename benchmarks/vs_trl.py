@@ -1,0 +1,338 @@
+"""Our GRPO step vs TRL 1.16's ``GRPOTrainer`` on the same audio-LM, batch and hyper-parameters.
+
+    pip install -e ".[bench]"          # trl==1.16.0
+    python benchmarks/vs_trl.py        # tiny random Qwen2-Audio, B=4, G=6, 64 tokens, 5 reps each
+
+Both sides load the same weights from one model dir, train the same LoRA (same target modules, r,
+alpha), and see the same B utterances every step with the same G, max_new_tokens, temperature, loss
+type, beta, learning rate and gradient clipping. TRL is extended only to carry the audio, the way
+R1-AQA's fork of GRPOTrainer does for Qwen2-Audio: the processor builds prompt inputs with the audio,
+``generate`` runs on input_ids + input_features, and each log-prob pass re-runs the full model forward
+on input_ids + input_features of the rows it scores (``AudioGRPOTrainer`` below).
+
+The two trainers run alternately, one step each, in one process: each runs its own real loop
+(``Trainer.fit`` / ``GRPOTrainer.train``) in a thread, and a baton passes at step boundaries, so drift
+in the machine's speed hits both alike. Peak memory is per step above its start (CUDA: max allocated;
+CPU: sampled RSS, see ``_common.PeakMemory``). After each of our steps the floor (``_common.floor_seconds``)
+is measured alone. Printed: medians, ratios ours/TRL with min-max and IQR over repetitions, step/floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CallCounter, PeakMemory, floor_seconds, print_table, quantiles, sync, synthetic_batch  # noqa: E402
+from grpo_step import build_module, default_model_dir  # noqa: E402
+
+from emorl_pl.modules.policy import AudioLMPolicy  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="local Qwen2-Audio dir (default: the tiny model)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--loss-type", default="grpo")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seconds", type=float, default=1.5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up + 2 reps (smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.group_size, args.max_new_tokens, args.warmup, args.reps = 2, 2, 8, 1, 2
+    args.dtype, args.num_iterations, args.micro_batch_size = "float32", 1, None
+    return args
+
+
+class Baton:
+    """Two loops take turns, one step each; a finished loop stops blocking the other."""
+
+    def __init__(self, first: str, second: str) -> None:
+        self.cond = threading.Condition()
+        self.turn, self.other = first, {first: second, second: first}
+        self.done: set[str] = set()
+
+    def acquire(self, me: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == me or self.other[me] in self.done)
+
+    def release(self, me: str, finished: bool = False) -> None:
+        with self.cond:
+            self.turn = self.other[me]
+            if finished:
+                self.done.add(me)
+            self.cond.notify_all()
+
+
+class Side:
+    """Per-step records of one trainer: wall time, peak memory, completion tokens, audio-tower calls."""
+
+    def __init__(self, name: str, baton: Baton, steps: int, tower: torch.nn.Module, memory: PeakMemory) -> None:
+        self.name, self.baton, self.steps, self.memory = name, baton, steps, memory
+        self.counter = CallCounter(tower)
+        self.times: list[float] = []
+        self.peaks: list[float] = []
+        self.tokens: list[float] = []
+        self.calls: list[int] = []
+        self.rows: list[int] = []
+        self.last_tokens = float("nan")
+
+    def begin(self) -> None:
+        self.baton.acquire(self.name)
+        self._counts = self.counter.snapshot()
+        self._mem = self.memory.measure(self.peaks)
+        self._mem.__enter__()
+        sync()
+        self._start = time.perf_counter()
+
+    def end(self, after=None) -> None:
+        sync()
+        self.times.append(time.perf_counter() - self._start)
+        self._mem.__exit__(None, None, None)
+        calls, rows = self.counter.snapshot()
+        self.calls.append(calls - self._counts[0])
+        self.rows.append(rows - self._counts[1])
+        self.tokens.append(self.last_tokens)
+        if after is not None:
+            after()  # e.g. the floor: outside the step's span, still inside this side's turn
+        self.baton.release(self.name, finished=len(self.times) >= self.steps)
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction: str, lora_targets: str,
+              reward_set, audio_token_ids: list[int], side_factory):
+    """TRL's GRPOTrainer with the audio carried R1-AQA style; returns (trainer, the Side that times it)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    fe = processor.feature_extractor
+
+    class AudioGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer + Qwen2-Audio inputs: the smallest set of overrides that carries the audio."""
+
+        def _generate_and_score_completions(self, inputs):
+            self._batch_audio = [np.asarray(x["audio"], dtype=np.float32) for x in inputs]
+            out = super()._generate_and_score_completions(inputs)
+            out["input_features"], out["feature_attention_mask"] = self._audio_fields
+            side.last_tokens = float(out["completion_mask"].sum())
+            return out
+
+        def _tokenize_prompts(self, prompts):
+            # R1-AQA: the processor builds the prompt inputs with the audio (features for every row).
+            enc = self.processing_class(text=prompts, audio=self._batch_audio, sampling_rate=fe.sampling_rate,
+                                        padding=True, return_tensors="pt")
+            ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+            device = self.accelerator.device
+            fields = {"input_features": enc["input_features"].to(device),
+                      "feature_attention_mask": enc["feature_attention_mask"].to(device)}
+            self._audio_fields = (fields["input_features"], fields["feature_attention_mask"])
+            return ids, None, fields
+
+        def _compute_loss(self, model, inputs):
+            self._audio_fields = (inputs["input_features"], inputs["feature_attention_mask"])
+            return super()._compute_loss(model, inputs)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **_):
+            # TRL's loop, plus the audio of the scored rows (R1-AQA: forward on input_ids + input_features).
+            features, feature_mask = self._audio_fields
+            batch_size = batch_size or input_ids.size(0)
+            logps, entropies = [], []
+            for start in range(0, input_ids.size(0), batch_size):
+                end = min(start + batch_size, input_ids.size(0))
+                ids, mask = input_ids[start:end], attention_mask[start:end]
+                labels = ids.masked_fill(mask == 0, -100)
+                labels[:, :-logits_to_keep] = -100
+                with self.accelerator.autocast():
+                    out = model(input_ids=ids, attention_mask=mask, input_features=features[start:end],
+                                feature_attention_mask=feature_mask[start:end], labels=labels, fused_lm_head=True)
+                logps.append(out.log_probs[:, -logits_to_keep:])
+                if compute_entropy:
+                    entropies.append(out.entropy[:, -logits_to_keep:])
+            return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    texts = []
+    for _ in batch["waveforms"]:
+        conversation = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction}]}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+    dataset = Dataset.from_list([
+        {"prompt": t, "audio": w[: fe.n_samples].numpy(), "label": label}
+        for t, w, label in zip(texts, batch["waveforms"], batch["labels"])
+    ])
+
+    def reward(prompts, completions, label, **kwargs):  # the same RewardSet as ours
+        return reward_set(completions, list(label), progress=0.0).total
+
+    B, G = args.batch_size, args.group_size
+    steps = args.warmup + args.reps
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl_bench_"),
+        per_device_train_batch_size=B * G,
+        gradient_accumulation_steps=1,
+        num_generations=G,
+        max_completion_length=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=args.beta,
+        loss_type=args.loss_type,
+        epsilon=0.2,
+        scale_rewards="group",
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=steps,
+        num_train_epochs=steps,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        generation_kwargs={"suppress_tokens": audio_token_ids},
+        disable_tqdm=True,
+        seed=0,
+    )
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    AudioLMPolicy._audio_tower(model).requires_grad_(False)
+    # TRL suppresses ``config.image_token_id`` for any processor; our generation_kwargs override it anyway.
+    model.config.image_token_id = model.config.audio_token_id
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets, bias="none")
+    trainer = AudioGRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                               processing_class=processor, peft_config=lora)
+    side = side_factory(AudioLMPolicy._audio_tower(model))
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            side.begin()
+
+        def on_step_end(self, *a, **k):
+            side.end()
+
+    trainer.add_callback(Timing())
+    return trainer, side
+
+
+# ------------------------------------------------------------------------------------------------ ours
+class OursTiming(L.Callback):
+    def __init__(self, side: Side, after) -> None:
+        self.side, self.after = side, after
+
+    def on_train_batch_start(self, *a) -> None:
+        self.side.begin()
+
+    def on_train_batch_end(self, *a) -> None:
+        self.side.end(self.after)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    model_dir = args.model or default_model_dir()
+    steps = args.warmup + args.reps
+    batch = synthetic_batch(args.batch_size, args.seconds, seed=0)
+    baton, memory = Baton("ours", "trl"), PeakMemory()
+
+    module = build_module(args, model_dir)
+    policy: AudioLMPolicy = module.policy.load()
+    ours = Side("ours", baton, steps, policy._audio_tower(policy.hf_model), memory)
+    rollout_fn = policy.rollout
+
+    def counting_rollout(*a, **k):
+        out = rollout_fn(*a, **k)
+        ours.last_tokens = float(out.completion_mask.sum())
+        return out
+
+    policy.rollout = counting_rollout
+    floors: list[dict[str, float]] = []
+
+    def measure_floor():
+        floors.append(floor_seconds(policy, batch, module.instruction, args.group_size, args.max_new_tokens,
+                                    args.beta, args.temperature))
+
+    trl_trainer, theirs = build_trl(
+        args, model_dir, batch, module.instruction, policy._lora_targets(policy.hf_model), module.reward_set,
+        policy.audio_token_ids, lambda tower: Side("trl", baton, steps, tower, memory),
+    )
+    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[OursTiming(ours, measure_floor)])
+    errors: list[BaseException] = []
+
+    def run(name, fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            baton.release(name, finished=True)
+
+    threads = [
+        threading.Thread(target=run, args=("ours", lambda: trainer.fit(
+            module, torch.utils.data.DataLoader([batch] * steps, batch_size=None)))),
+        threading.Thread(target=run, args=("trl", trl_trainer.train)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+    w = args.warmup
+    o, t = ours.times[w:], theirs.times[w:]
+    f = [x["floor"] for x in floors[w:]]
+    ratio = quantiles([a / b for a, b in zip(o, t)])
+    print(f"device={trainer.strategy.root_device} model={model_dir} B={args.batch_size} G={args.group_size} "
+          f"max_new_tokens={args.max_new_tokens} beta={args.beta} loss={args.loss_type} reps={args.reps} "
+          f"(after {w} warm-up, alternating)")
+
+    def row(side: Side, times):
+        q = quantiles(times)
+        tokens = quantiles(side.tokens[w:])["median"]
+        return [side.name, 1e3 * q["median"], 1e3 * q["min"], 1e3 * q["max"], tokens / q["median"],
+                quantiles(side.peaks[w:])["median"], quantiles(side.calls[w:])["median"],
+                quantiles(side.rows[w:])["median"], q["median"] / quantiles(f)["median"]]
+
+    print_table("per step (medians over reps)",
+                ["trainer", "ms", "min ms", "max ms", "tokens/s", "peak MiB", "audio calls", "audio rows",
+                 "step/floor"], [row(ours, o), row(theirs, t)])
+    print_table("floor (each piece alone, same run)", ["piece", "ms"],
+                [[k, 1e3 * quantiles([x[k] for x in floors[w:]])["median"]] for k in floors[0]])
+    summary = {
+        "ours_over_trl": ratio["median"],
+        "ours_over_trl_min": ratio["min"],
+        "ours_over_trl_max": ratio["max"],
+        "ours_over_trl_q1": ratio["q1"],
+        "ours_over_trl_q3": ratio["q3"],
+        "trl_over_ours": 1 / ratio["median"],
+        "ours_over_floor": quantiles([a / b for a, b in zip(o, f)])["median"],
+        "trl_over_floor": quantiles([a / b for a, b in zip(t, f)])["median"],
+        "peak_mem_ours_over_trl": quantiles(ours.peaks[w:])["median"] / max(quantiles(theirs.peaks[w:])["median"], 1e-9),
+    }
+    print_table("ratios (same run)", ["metric", "value"], [[k, v] for k, v in summary.items()])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
