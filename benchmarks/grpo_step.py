@@ -24,7 +24,16 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CallCounter, PeakMemory, PhaseTimer, floor_seconds, print_table, quantiles, sync, synthetic_batch  # noqa: E402
+from _common import (  # noqa: E402
+    CallCounter,
+    PeakMemory,
+    PhaseTimer,
+    floor_seconds,
+    print_table,
+    quantiles,
+    sync,
+    synthetic_batch,
+)
 
 from emorl_pl.modules.grpo_module import GRPOModule  # noqa: E402
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings  # noqa: E402

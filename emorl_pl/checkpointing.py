@@ -2,8 +2,8 @@
 
 Atomic: a checkpoint is written under a temporary name in its own folder and renamed into place only when
 complete (``os.replace``), so a process killed mid-save never leaves a half-written ``last.ckpt`` that
-``--ckpt_path last`` would pick. The temporary names end in ``.tmp`` (file) / ``.tmp`` (folder), which
-``ModelCheckpoint`` does not treat as checkpoints.
+``--ckpt_path last`` would pick. Temporary files and folders end in ``.tmp``, which ``ModelCheckpoint``
+does not treat as checkpoints.
 
 A sharded checkpoint (``ModelParallelStrategy`` / ``FSDP2Strategy``) is a folder of ``*.distcp`` files,
 a ``.metadata`` index and ``meta.pt`` (loop, scheduler, callback and datamodule state). Consolidate it:

@@ -19,7 +19,7 @@ _PROSODY_NOUN = {
     "range": "pitch range",
     "contour": "contour",
     "rate": "speaking rate",
-    "loudness": "loudness",
+    "loudness": "volume",
     "voice": "voice",
 }
 
@@ -40,8 +40,10 @@ def cold_start_target(mode: str, label: str, meta: Mapping[str, Any] | None = No
     """
     meta = meta or {}
     text = meta.get("text")
-    content = f'the speaker says "{text}"' if text else "the words are not clear enough to transcribe"
+    content = f'the speaker says "{text}"' if text else "unclear words"
     acoustics = describe_prosody(meta.get("prosody"))
-    summary = f"the {acoustics.split(',')[0]} and the other cues point to {label}"
+    words = (meta.get("prosody") or {}).get("words", {})
+    cues = [f"{words[k]} {_PROSODY_NOUN[k]}" for k in ("pitch", "loudness", "rate") if isinstance(words.get(k), str)]
+    summary = f"{', '.join(cues) if cues else 'the acoustic cues'} suggest {label}"
     fields = {"content": content, "acoustics": acoustics, "summary": summary, "think": f"{acoustics}, so {label}"}
     return format_response(mode, label, fields)

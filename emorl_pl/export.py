@@ -19,7 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emorl_pl.checkpointing import consolidate_sharded_checkpoint, load_checkpoint_file_or_folder, policy_state_dict
+from emorl_pl.checkpointing import (
+    consolidate_sharded_checkpoint,
+    load_checkpoint_file_or_folder,
+    policy_state_dict,
+)
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
 
 

@@ -21,7 +21,12 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from emorl_pl.checkpointing import METADATA_FILENAME, AtomicCheckpointIO, commit_directory, is_sharded_checkpoint
+from emorl_pl.checkpointing import (
+    METADATA_FILENAME,
+    AtomicCheckpointIO,
+    commit_directory,
+    is_sharded_checkpoint,
+)
 
 
 class FSDP2Strategy(ModelParallelStrategy):

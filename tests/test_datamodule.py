@@ -36,21 +36,30 @@ def _keys(batches) -> list[str]:
     return [k for b in batches for k in b["keys"]]
 
 
+def _real_keys(batches) -> list[str]:
+    return [k for b in batches for k, pad in zip(b["keys"], b["is_pad"]) if not pad]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_eval_sees_every_sample_once_across_ranks(split, workers):
-    dm = ShardDataModule(valid=str(split), batch_size=4, num_workers=workers)
-    per_rank = []
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_eval_sees_every_sample_once_across_ranks(split, workers, batch_size):
+    dm = ShardDataModule(valid=str(split), batch_size=batch_size, num_workers=workers)
+    per_rank, counts = [], []
     for rank in range(2):
         loader = dm.build_eval_loader(str(split), "valid", rank=rank, world_size=2)
         batches = list(loader)
         assert len(batches) == len(loader)
-        per_rank.append(_keys(batches))
+        counts.append(len(batches))
+        per_rank.append(_real_keys(batches))
+    # Both ranks run the same number of steps (sharded models need it): with 37 samples and batch 3,
+    # rank 0 has 19 samples (7 batches) and rank 1 has 18 (6 batches + 1 flagged padding batch).
+    assert counts[0] == counts[1] == math.ceil(math.ceil(N / 2) / batch_size)
     everything = per_rank[0] + per_rank[1]
     assert sorted(everything) == [f"k{i:03d}" for i in range(N)]
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
     # the batch carries decoded audio and metadata consistent with what was written
     b = next(iter(dm.build_eval_loader(str(split), "valid", rank=0, world_size=1)))
-    assert set(b) == {"waveforms", "sample_rate", "labels", "keys", "texts", "corpus", "meta"}
+    assert set(b) == {"waveforms", "sample_rate", "labels", "keys", "texts", "corpus", "meta", "is_pad"}
     i = int(b["keys"][1][1:])
     assert b["waveforms"][1].dtype == torch.float32 and b["waveforms"][1].shape == (800 + 10 * i,)
     assert torch.allclose(b["waveforms"][1], torch.tensor(0.01 * (i % 50)), atol=1 / 32768)

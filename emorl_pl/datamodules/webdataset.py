@@ -78,6 +78,7 @@ def collate_samples(samples: list[dict], sample_rate: int) -> Batch:
         "texts": [s["text"] for s in samples],
         "corpus": [s["corpus"] for s in samples],
         "meta": [s["meta"] for s in samples],
+        "is_pad": [bool(s.get("is_pad", False)) for s in samples],
     }
 
 
@@ -232,10 +233,11 @@ class _ShardStream(IterableDataset):
                 if made == share:
                     return
 
-    # -- evaluation: each sample once across ranks, in order, no padding --
+    # -- evaluation: each sample once across ranks, in order; short ranks padded with flagged copies --
     def _eval_batches(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
         j = 0  # index among records with a usable label
         batch: list[dict] = []
+        filler: dict | None = None
         for i, record in enumerate(self._records(self.urls)):
             try:
                 label = try_normalize_label(json.loads(record.get("json", b"null")).get("label"), self.label_set)
@@ -255,11 +257,31 @@ class _ShardStream(IterableDataset):
             sample = self._decode(record)
             if sample is not None:
                 batch.append(sample)
+                filler = sample
             if (m + 1) % self.batch_size == 0:
                 yield batch
                 batch = []
         if batch:
             yield batch
+        mine = j // self.world_size + (1 if self.rank < j % self.world_size else 0)
+        own_batches = math.ceil(mine / self.batch_size)
+        # Every rank must run the same number of eval steps: sharded models gather weights collectively
+        # in each forward, so a rank that stopped early would hang the others. Padding rows are flagged
+        # ``is_pad`` and never counted in metrics.
+        most = math.ceil(math.ceil(j / self.world_size) / self.batch_size) if self.world_size > 1 else own_batches
+        for k in range(own_batches, most):
+            if k % num_workers == worker:
+                filler = filler or self._first_sample()
+                if filler is not None:
+                    yield [dict(filler, is_pad=True)]
+
+    def _first_sample(self) -> dict | None:
+        for record in self._records(self.urls):
+            try:
+                return decode_record(record, **self.decode_kw)
+            except SampleDecodeError:
+                continue
+        return None
 
 
 def _identity(x: Any) -> Any:
@@ -407,8 +429,8 @@ class ShardDataModule(L.LightningDataModule):
         rank, world_size = (r if rank is None else rank), (ws if world_size is None else world_size)
         urls, num_samples, counts = resolve_shards(source)
         usable = count_in_label_set(counts, num_samples, self.label_set)
-        length = None if usable is None else math.ceil(
-            math.ceil(max(usable - rank, 0) / world_size) / self.eval_batch_size)
+        # Every rank runs as many batches as the largest share (short ranks are padded, see _eval_batches).
+        length = None if usable is None else math.ceil(math.ceil(usable / world_size) / self.eval_batch_size)
         stream = _ShardStream(urls, train=False, batch_size=self.eval_batch_size, rank=rank,
                               world_size=world_size, sample_rate=self.sample_rate,
                               max_duration=self.max_duration, label_set=self.label_set)

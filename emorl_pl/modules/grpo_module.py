@@ -362,8 +362,13 @@ class GRPOModule(L.LightningModule):
                 prompts, self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens, synced_gpus=self._synced_gpus()
             )
         parsed = [parse_response(t, self.mode, self.labels) for t in texts]
-        self.eval_metrics[f"{prefix}__{name}"].update([p.label for p in parsed], list(batch["labels"]))
-        self.eval_format[f"{prefix}__{name}"].update(torch.tensor([float(p.format_ok) for p in parsed]))
+        # Padding rows (added so that every rank runs the same number of steps) are never counted.
+        real = [i for i, pad in enumerate(batch.get("is_pad") or [False] * len(parsed)) if not pad]
+        if real:
+            self.eval_metrics[f"{prefix}__{name}"].update([parsed[i].label for i in real], [batch["labels"][i] for i in real])
+            self.eval_format[f"{prefix}__{name}"].update(
+                torch.tensor([float(parsed[i].format_ok) for i in real], device=self.device)
+            )
         return [{"text": t, "parsed": p} for t, p in zip(texts, parsed)]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -382,7 +387,8 @@ class GRPOModule(L.LightningModule):
             metric.reset()
             self.eval_format[f"{prefix}__{name}"].reset()
             results[name] = values
-            tag = prefix if len(self._eval_names[key]) == 1 and prefix == "val" else f"{prefix}/{name}"
+            # A single set keeps the short name (val/ua, test/ua); several are logged as test/<name>/ua.
+            tag = prefix if len(self._eval_names[key]) == 1 and name in ("val", "test") else f"{prefix}/{name}"
             for metric_name, value in values.items():
                 if value.ndim == 0:
                     self.log(f"{tag}/{metric_name}", value.float(), sync_dist=False, add_dataloader_idx=False)

@@ -476,6 +476,8 @@ class AudioLMPolicy(nn.Module):
         was_training = self._hf.training
         self._hf.eval()  # no dropout / checkpointing during sampling
         try:
+            if group_size > 1:
+                sampling["past_key_values"] = self._shared_prefill(pe, group_size)
             out = self._hf.generate(
                 inputs_embeds=pe.inputs_embeds.repeat_interleave(group_size, 0),
                 attention_mask=pe.attention_mask.repeat_interleave(group_size, 0),
@@ -494,6 +496,25 @@ class AudioLMPolicy(nn.Module):
         ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size)
+
+    def _shared_prefill(self, pe: PromptEmbeds, group_size: int):
+        """KV cache of the first P-1 prompt tokens, computed for the B prompts once and repeated G times.
+
+        The G samples of one utterance share their prompt, so prefilling B*G identical rows is wasted work;
+        ``generate`` then runs only the last prompt token per row (it skips the cached positions).
+        Positions are cumsum(mask) - 1 as ``generate`` computes them (pad positions are masked anyway).
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self._hf.config.get_text_config())
+        mask = pe.attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        self._decoder(self._hf)(
+            inputs_embeds=pe.inputs_embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+            past_key_values=cache, use_cache=True,
+        )
+        cache.batch_repeat_interleave(group_size)
+        return cache
 
     def greedy(
         self, prompts: Prompts | PromptEmbeds, max_new_tokens: int = 64, synced_gpus: bool | None = None

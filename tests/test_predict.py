@@ -1,0 +1,57 @@
+"""``emorl predict`` over audio files end to end: one JSONL line per input, bad files as error lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import CONFIGS, EMORL, check_emorl, tiny_model_dir  # noqa: E402
+
+
+def test_predict_writes_jsonl_and_reports_bad_files(tmp_path):
+    from emorl_pl.export import policy_from_config
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    good = [audio / f"good{i}.wav" for i in range(3)]
+    for i, path in enumerate(good):
+        sf.write(path, (0.1 * rng.standard_normal(8000 + 1000 * i)).astype(np.float32), 16000)
+    (audio / "empty.wav").write_bytes(b"")
+    (audio / "broken.flac").write_bytes(b"not audio" * 20)
+    missing = tmp_path / "missing.wav"
+
+    # A trainable-only checkpoint as training writes it (LoRA weights under "policy.").
+    policy = policy_from_config(CONFIGS / "tiny_grpo.yaml", str(tiny_model_dir())).load()
+    state = {f"policy.{k}": v for k, v in policy.state_dict().items() if ".lora_" in k}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "global_step": 1, "pytorch-lightning_version": "2.6.6"}, ckpt)
+
+    out = tmp_path / "pred.jsonl"
+    paths = f"[{audio}/*.wav,{audio / 'broken.flac'},{missing}]"
+    cmd = [EMORL, "predict", "-c", str(CONFIGS / "tiny_grpo.yaml"),
+           "--model.init_args.policy.init_args.model_dir", str(tiny_model_dir()),
+           "--data", "emorl_pl.datamodules.files.AudioFilesDataModule", "--data.paths", paths,
+           "--data.batch_size", "2", "--trainer.logger", "false",
+           "--trainer.callbacks", "emorl_pl.callbacks.prediction_writer.JSONLPredictionWriter",
+           "--trainer.callbacks.output", str(out), "--ckpt_path", str(ckpt)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    check_emorl(proc)
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_key = {row["key"]: row for row in rows}
+    expected = [str(p) for p in good] + [str(audio / "empty.wav"), str(audio / "broken.flac"), str(missing)]
+    assert sorted(by_key) == sorted(expected) and len(rows) == len(expected)
+    for path in good:
+        row = by_key[str(path)]
+        assert "error" not in row and isinstance(row["text"], str) and row["text"]
+        assert {"emotion", "format_ok"} <= set(row)
+    for bad in expected[3:]:
+        assert by_key[bad].get("error") and "text" not in by_key[bad], by_key[bad]
