@@ -37,7 +37,12 @@ class EmoRLCLI(LightningCLI):
             print(format_results_table(results, title="validation"))
 
 
-def main(args: list[str] | None = None) -> EmoRLCLI:
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (returns None so that the script exits 0 on success)."""
+    run_cli(args)
+
+
+def run_cli(args: list[str] | None = None) -> EmoRLCLI:
     return EmoRLCLI(
         GRPOModule,
         L.LightningDataModule,

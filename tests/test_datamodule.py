@@ -209,3 +209,16 @@ def test_lightning_fit_saves_the_stream_position(split, tmp_path):
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=False)
     assert ckpt["ShardDataModule"] == {"epoch": 0, "batches": 3}
     assert len(model.seen) == 12
+
+
+def test_train_epoch_advances_when_lightning_stops_after_len_batches(split):
+    dm = ShardDataModule(train=str(split), batch_size=4, shuffle_buffer=8, seed=3)
+    loader = dm.build_train_loader(rank=0, world_size=1)
+    epochs = []
+    for _ in range(2):
+        # Like Lightning's fit loop: take len(loader) batches, never exhaust the iterator.
+        it = iter(loader)
+        epochs.append([k for _, b in zip(range(len(loader)), it) for k in b["keys"]])
+        assert loader.state_dict() == {"epoch": len(epochs), "batches": 0}
+    assert len(epochs[0]) == len(epochs[1]) == len(loader) * 4
+    assert epochs[0] != epochs[1], "each epoch must have its own shuffle"

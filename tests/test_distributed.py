@@ -38,11 +38,7 @@ def run_emorl(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Co
 
 
 def check_emorl(proc: subprocess.CompletedProcess) -> None:
-    # cli.main returns the CLI object, which the console script prints to stderr and exits with 1;
-    # accept exactly that case (a real failure has a traceback).
-    tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else [""]
-    benign = proc.returncode == 1 and tail[0].startswith("<emorl_pl.cli.EmoRLCLI object") and "Traceback" not in proc.stderr
-    assert proc.returncode == 0 or benign, f"emorl failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"emorl failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
 
 
 def fit_args(out: Path, max_steps: int, extra_configs: list[str], ckpt: str | None = None) -> list[str]:

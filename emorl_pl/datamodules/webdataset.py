@@ -328,6 +328,12 @@ class ShardLoader:
                 continue
             self.batches = delivered
             batch["waveforms"] = [torch.from_numpy(w) for w in batch["waveforms"]]
+            if self.stream.train and self.length is not None and delivered >= self.length:
+                # Lightning stops after len() batches without exhausting this generator, so the
+                # epoch must advance here, or every epoch would replay the same shuffle.
+                self.epoch, self.batches = self.epoch + 1, 0
+                yield batch
+                return
             yield batch
         if self.stream.train:
             self.epoch, self.batches = self.epoch + 1, 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -127,6 +128,8 @@ class GRPOModule(L.LightningModule):
         self._eval_names: dict[str, list[str]] = {}
         self._format_counts: dict[str, list[int]] = {}
         self._accum = 0
+        self._rl_started = False
+        self._reference_dir: str | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -219,7 +222,25 @@ class GRPOModule(L.LightningModule):
         self.log("sft/loss", loss_sum * self.hparams.accumulate_grad_batches, prog_bar=True, batch_size=n)
         return loss_sum
 
+    def _start_rl_phase(self) -> None:
+        """After a cold start, the KL anchor is the cold-start model, the model RL starts from (as in the
+        paper, where the reference is the initial RL policy). Full fine-tuning: the reference becomes a
+        frozen copy, also saved to ``<log_dir>/cold_start_model`` so that a resumed run reloads it. With
+        LoRA the reference stays the base model (adapters off)."""
+        self._rl_started = True
+        if self.hparams.sft_steps <= 0:
+            return
+        # RL is a new optimisation problem: moments gathered at the cold start's larger LR would skew it.
+        self.optimizers().optimizer.state.clear()
+        if self.policy.lora is not None:
+            return
+        save_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "cold_start_model"
+        self.policy.reset_reference(save_dir if self.trainer.is_global_zero else None)
+        self._reference_dir = str(save_dir)
+
     def _grpo_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if not self._rl_started:
+            self._start_rl_phase()
         hp = self.hparams
         G = hp.group_size
         labels = list(batch["labels"])
@@ -414,9 +435,15 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._accum = int(checkpoint.get("emorl_accumulated_batches", 0))
+        ref_dir = checkpoint.get("emorl_reference_dir")
+        if ref_dir and checkpoint.get("global_step", 0) > self.hparams.sft_steps:
+            self.policy.load_reference(ref_dir)
+            self._rl_started, self._reference_dir = True, ref_dir
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["emorl_accumulated_batches"] = self._accum
+        if self._reference_dir:  # the cold-start reference lives in its own model folder, not here
+            checkpoint["emorl_reference_dir"] = self._reference_dir
         # Only trainable weights: the frozen base comes from model_dir, the reference is never saved.
         trainable = {f"policy.{name}" for name in self.policy.trainable_parameter_names()}
         state = checkpoint.get("state_dict")

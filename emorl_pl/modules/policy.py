@@ -334,6 +334,39 @@ class AudioLMPolicy(nn.Module):
             ref.to(device=param.device, dtype=param.dtype)  # unregistered, so .to() on the policy skips it
         yield ref
 
+    def reset_reference(self, save_dir: str | Path | None = None) -> None:
+        """Full fine-tuning: make the reference a frozen copy of the current weights (e.g. the cold-start
+        model when RL begins), optionally saved with ``save_pretrained`` to ``save_dir`` so that a resumed
+        run restores it with ``load_reference``. With LoRA the reference is always the base model."""
+        self.load()
+        if self.lora is not None:
+            raise ValueError("with LoRA the reference is the base model (adapters off); it cannot be reset")
+        if self.is_sharded:
+            raise NotImplementedError(
+                "resetting the reference of a sharded full fine-tuning run is not supported: run the cold start "
+                "as its own run, export it (emorl-export) and start GRPO from the exported model_dir"
+            )
+        ref = copy.deepcopy(self._hf).eval().requires_grad_(False)
+        for module in ref.modules():
+            module._forward_hooks.clear()  # the copy must not count as the policy's audio-encoder calls
+        object.__setattr__(self, "_reference_model", ref)
+        if save_dir is not None:
+            ref.save_pretrained(save_dir)
+            self.processor.save_pretrained(save_dir)
+
+    def load_reference(self, model_dir: str | Path) -> None:
+        """Full fine-tuning: load the reference from a model folder (one written by ``reset_reference``)."""
+        self.load()
+        if self.lora is not None:
+            raise ValueError("with LoRA the reference is the base model (adapters off)")
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"reference model folder {str(model_dir)!r} has no config.json")
+        kwargs = {"dtype": DTYPES[self.dtype_name]}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        ref = type(self._hf).from_pretrained(model_dir, **kwargs).eval().requires_grad_(False)
+        object.__setattr__(self, "_reference_model", ref)
+
     def trainable_parameter_names(self) -> list[str]:
         """Names (relative to this policy, as in its ``state_dict``) of the parameters being trained."""
         return [name for name, p in self.named_parameters() if p.requires_grad]
