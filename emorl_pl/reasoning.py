@@ -29,6 +29,8 @@ Two readings of one completion:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,7 +173,13 @@ def _fields(text: str) -> dict[str, str]:
 def parse_response(text: str, mode: str, labels: Sequence[str] | str) -> ParsedResponse:
     """Read a completion: strict format check and lenient label (see the module docstring)."""
     check_mode(mode)
-    labels = get_label_set(labels)
+    parsed = _parse_cached(text, mode, get_label_set(labels))
+    # Each reward and the step's logging parse the same completions: parse once, hand out copies.
+    return dataclasses.replace(parsed, fields=dict(parsed.fields))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str, mode: str, labels: tuple[str, ...]) -> ParsedResponse:
     answer = _lenient_answer(text)
     if answer is not None:
         label = try_normalize_label(answer, allowed=labels)
