@@ -3,6 +3,7 @@ what they must not, micro-batch invariance, dynamic sampling, encoder calls, and
 against scikit-learn."""
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -206,3 +207,38 @@ def test_eval_metrics_per_test_set_match_sklearn(tiny_dir, monkeypatch):
             f1_score(golds, preds, labels=sorted(set(golds) | (set(preds) - {"invalid"})), average="macro", zero_division=0)
         )
         assert float(metrics[f"test/{name}/format_rate"]) == pytest.approx(sum(p != "invalid" for p in preds) / len(preds))
+
+
+class SnapshotAtStep(L.Callback):
+    def __init__(self, step):
+        self.step, self.weights = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.weights = {n: p.detach().clone() for n, p in pl_module.policy.hf_model.named_parameters()}
+
+
+def test_cold_start_model_becomes_the_reference_and_is_restored_on_resume(tiny_dir, tmp_path):
+    module = GRPOModule(AudioLMPolicy(tiny_dir), labels="iemocap4", rewards={"test_text_hash": 1.0}, group_size=2,
+                        max_new_tokens=8, sft_steps=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    snap = SnapshotAtStep(2)
+    fit(module, batches(3), steps=3, callbacks=[snap], default_root_dir=str(tmp_path))
+    assert snap.weights is not None
+    with module.policy.reference() as ref:
+        ref_weights = dict(ref.named_parameters())
+    # The reference is the model as it was when RL began (after the 2 supervised steps) ...
+    for name, value in snap.weights.items():
+        torch.testing.assert_close(ref_weights[name], value, atol=0, rtol=0)
+    # ... which is not the initial model, nor the current policy.
+    initial = AudioLMPolicy(tiny_dir).load().hf_model
+    assert any(not torch.equal(p, ref_weights[n]) for n, p in initial.named_parameters())
+    assert any(not torch.equal(p, ref_weights[n]) for n, p in module.policy.hf_model.named_parameters())
+    # It is saved as a model folder (never in the checkpoint) and reloaded by a resumed run.
+    checkpoint = {"state_dict": {}, "global_step": 3}
+    module.on_save_checkpoint(checkpoint)
+    assert (Path(checkpoint["emorl_reference_dir"]) / "config.json").is_file()
+    resumed = GRPOModule(AudioLMPolicy(tiny_dir), labels="iemocap4", rewards={"test_text_hash": 1.0}, sft_steps=2)
+    resumed.on_load_checkpoint(checkpoint)
+    with resumed.policy.reference() as ref:
+        for name, value in ref.named_parameters():
+            torch.testing.assert_close(value, snap.weights[name], atol=0, rtol=0)

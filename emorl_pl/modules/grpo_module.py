@@ -435,10 +435,13 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._accum = int(checkpoint.get("emorl_accumulated_batches", 0))
-        ref_dir = checkpoint.get("emorl_reference_dir")
-        if ref_dir and checkpoint.get("global_step", 0) > self.hparams.sft_steps:
-            self.policy.load_reference(ref_dir)
-            self._rl_started, self._reference_dir = True, ref_dir
+        if checkpoint.get("global_step", 0) > self.hparams.sft_steps:
+            # RL had begun: its start (optimizer reset, reference handoff) must not run again.
+            self._rl_started = True
+            ref_dir = checkpoint.get("emorl_reference_dir")
+            if ref_dir:
+                self.policy.load_reference(ref_dir)
+                self._reference_dir = ref_dir
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["emorl_accumulated_batches"] = self._accum
