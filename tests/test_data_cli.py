@@ -58,7 +58,7 @@ def test_label_set_and_dry_run(tmp_path, capsys):
     assert main(["savee", "--root", str(tmp_path / "savee"), "--out", str(tmp_path / "out"), "--dry-run",
                  "--label-set", "neutral,sad", "--valid-fraction", "0"]) == 0
     out = capsys.readouterr().out
-    assert "dropped: 4 (a 4)" in out and "train: 9 (neutral 6, sad 3)" in out
+    assert "dropped: 4 (angry 4)" in out and "train: 9 (neutral 6, sad 3)" in out
     assert not (tmp_path / "out").exists()
 
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,3 +305,40 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             rows.append((n, obj))
     return rows
+
+
+def plan_named_files(
+    corpus: str,
+    display: str,
+    root: str | Path,
+    utterance: Callable[[Path], PlannedUtterance | str],
+    *,
+    label_set: tuple[str, ...] | None,
+    fold: int,
+    num_folds: int,
+    valid_fraction: float,
+    valid_speakers: Sequence[str] | None,
+    seed: int,
+) -> Plan:
+    """Plan a corpus whose label and speaker are in each file name (RAVDESS, CREMA-D, SAVEE).
+
+    ``utterance(path)`` gives the file's utterance, or a reason (a string) to drop it. Utterances whose
+    label is outside ``label_set`` are dropped and counted under that label; the rest are split into
+    speaker-disjoint folds (``assign_speaker_folds``).
+    """
+    root = Path(root)
+    utterances, dropped = [], Counter()
+    for path in audio_files(root):
+        u = utterance(path)
+        if isinstance(u, str):
+            dropped[u] += 1
+        elif label_set is not None and u.label not in label_set:
+            dropped[u.label] += 1
+        else:
+            utterances.append(u)
+    if not utterances:
+        raise FileNotFoundError(f"no {display} audio files kept under {root} (dropped: {dict(dropped)})")
+    check_unique_keys(utterances, str(root))
+    notes = assign_speaker_folds(utterances, fold=fold, num_folds=num_folds, valid_fraction=valid_fraction,
+                                 valid_speakers=valid_speakers, seed=seed)
+    return Plan(corpus, utterances, dropped, notes)

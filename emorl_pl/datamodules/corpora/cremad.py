@@ -11,7 +11,6 @@ actor ids (``common.speaker_folds``); valid is held out of the other actors (spe
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from emorl_pl.datamodules.corpora.common import (
     LabelError,
     Plan,
     PlannedUtterance,
-    assign_speaker_folds,
-    audio_files,
-    check_unique_keys,
     make_key,
+    plan_named_files,
 )
 
 CREMAD_EMOTIONS: dict[str, str] = {"ANG": "angry", "DIS": "disgust", "FEA": "fear", "HAP": "happy",
@@ -54,20 +51,13 @@ def plan_cremad(
 ) -> Plan:
     """Plan CREMA-D from a folder of its .wav files (module docstring)."""
     root = Path(root)
-    utterances, dropped = [], Counter()
-    for path in audio_files(root):
+
+    def utterance(path: Path) -> PlannedUtterance:
         f = parse_cremad_name(path)
-        label = CREMAD_EMOTIONS[f["emotion"]]
-        if label_set is not None and label not in label_set:
-            dropped[f["emotion"]] += 1
-            continue
-        utterances.append(PlannedUtterance(
-            key=make_key("cremad", path.stem), path=path, split="train", label=label, corpus_label=f["emotion"],
-            corpus="cremad", speaker=f["actor"],
-            extra={"source": str(path.relative_to(root)), "sentence": f["sentence"], "level": f["level"]}))
-    if not utterances:
-        raise FileNotFoundError(f"no CREMA-D audio files kept under {root} (dropped: {dict(dropped)})")
-    check_unique_keys(utterances, str(root))
-    notes = assign_speaker_folds(utterances, fold=fold, num_folds=num_folds, valid_fraction=valid_fraction,
-                                 valid_speakers=valid_speakers, seed=seed)
-    return Plan("cremad", utterances, dropped, notes)
+        return PlannedUtterance(
+            key=make_key("cremad", path.stem), path=path, split="train", label=CREMAD_EMOTIONS[f["emotion"]],
+            corpus_label=f["emotion"], corpus="cremad", speaker=f["actor"],
+            extra={"source": str(path.relative_to(root)), "sentence": f["sentence"], "level": f["level"]})
+
+    return plan_named_files("cremad", "CREMA-D", root, utterance, label_set=label_set, fold=fold, num_folds=num_folds,
+                            valid_fraction=valid_fraction, valid_speakers=valid_speakers, seed=seed)

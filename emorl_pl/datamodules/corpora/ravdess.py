@@ -14,7 +14,6 @@ EmoBox's (use ``emorl-data emobox`` for those). Speaker = the two-digit actor id
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +21,8 @@ from emorl_pl.datamodules.corpora.common import (
     LabelError,
     Plan,
     PlannedUtterance,
-    assign_speaker_folds,
-    audio_files,
-    check_unique_keys,
     make_key,
+    plan_named_files,
 )
 
 RAVDESS_EMOTIONS: dict[str, str] = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
@@ -61,24 +58,17 @@ def plan_ravdess(
 ) -> Plan:
     """Plan RAVDESS from a folder of its .wav files (module docstring)."""
     root = Path(root)
-    utterances, dropped = [], Counter()
-    for path in audio_files(root):
+
+    def utterance(path: Path) -> PlannedUtterance | str:
         f = parse_ravdess_name(path)
         if f["vocal_channel"] == "02" and not include_song:
-            dropped["song"] += 1
-            continue
-        label = RAVDESS_EMOTIONS[f["emotion"]]
-        if label_set is not None and label not in label_set:
-            dropped[label] += 1
-            continue
-        utterances.append(PlannedUtterance(
-            key=make_key("ravdess", path.stem), path=path, split="train", label=label, corpus_label=f["emotion"],
-            corpus="ravdess", speaker=f["actor"],
+            return "song"
+        return PlannedUtterance(
+            key=make_key("ravdess", path.stem), path=path, split="train", label=RAVDESS_EMOTIONS[f["emotion"]],
+            corpus_label=f["emotion"], corpus="ravdess", speaker=f["actor"],
             extra={"source": str(path.relative_to(root)), "intensity": "strong" if f["intensity"] == "02" else "normal",
-                   "statement": f["statement"], "vocal_channel": "song" if f["vocal_channel"] == "02" else "speech"}))
-    if not utterances:
-        raise FileNotFoundError(f"no RAVDESS audio files kept under {root} (dropped: {dict(dropped)})")
-    check_unique_keys(utterances, str(root))
-    notes = assign_speaker_folds(utterances, fold=fold, num_folds=num_folds, valid_fraction=valid_fraction,
-                                 valid_speakers=valid_speakers, seed=seed)
-    return Plan("ravdess", utterances, dropped, notes)
+                   "statement": f["statement"], "vocal_channel": "song" if f["vocal_channel"] == "02" else "speech"})
+
+    return plan_named_files("ravdess", "RAVDESS", root, utterance, label_set=label_set, fold=fold,
+                            num_folds=num_folds, valid_fraction=valid_fraction, valid_speakers=valid_speakers,
+                            seed=seed)

@@ -12,7 +12,6 @@ one whole speaker). Speaker = the initials.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,10 +19,8 @@ from emorl_pl.datamodules.corpora.common import (
     LabelError,
     Plan,
     PlannedUtterance,
-    assign_speaker_folds,
-    audio_files,
-    check_unique_keys,
     make_key,
+    plan_named_files,
 )
 
 SAVEE_EMOTIONS: dict[str, str] = {"a": "angry", "d": "disgust", "f": "fear", "h": "happy", "n": "neutral",
@@ -60,20 +57,13 @@ def plan_savee(
 ) -> Plan:
     """Plan SAVEE from a folder of its .wav files (module docstring)."""
     root = Path(root)
-    utterances, dropped = [], Counter()
-    for path in audio_files(root):
+
+    def utterance(path: Path) -> PlannedUtterance:
         f = parse_savee_name(path)
-        label = SAVEE_EMOTIONS[f["emotion"]]
-        if label_set is not None and label not in label_set:
-            dropped[f["emotion"]] += 1
-            continue
-        utterances.append(PlannedUtterance(
+        return PlannedUtterance(
             key=make_key("savee", f["speaker"], f"{f['emotion']}{f['sentence']}"), path=path, split="train",
-            label=label, corpus_label=f["emotion"], corpus="savee", speaker=f["speaker"],
-            extra={"source": str(path.relative_to(root))}))
-    if not utterances:
-        raise FileNotFoundError(f"no SAVEE audio files kept under {root} (dropped: {dict(dropped)})")
-    check_unique_keys(utterances, str(root))
-    notes = assign_speaker_folds(utterances, fold=fold, num_folds=num_folds, valid_fraction=valid_fraction,
-                                 valid_speakers=valid_speakers, seed=seed)
-    return Plan("savee", utterances, dropped, notes)
+            label=SAVEE_EMOTIONS[f["emotion"]], corpus_label=f["emotion"], corpus="savee", speaker=f["speaker"],
+            extra={"source": str(path.relative_to(root))})
+
+    return plan_named_files("savee", "SAVEE", root, utterance, label_set=label_set, fold=fold, num_folds=num_folds,
+                            valid_fraction=valid_fraction, valid_speakers=valid_speakers, seed=seed)
