@@ -16,7 +16,7 @@ An optional supervised warm-up (``sft_steps``) first teaches the response format
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -466,7 +466,3 @@ def _stats_dict(stats: Any) -> dict[str, float]:
     }
     return {names.get(k, k): float(v) for k, v in items if k in names}
 
-
-def repeat_for_group(values: Sequence[Any], group_size: int) -> list[Any]:
-    """[a, b] with G=2 -> [a, a, b, b] (rows b*G .. b*G+G-1 belong to utterance b)."""
-    return [v for v in values for _ in range(group_size)]

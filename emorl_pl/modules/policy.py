@@ -509,6 +509,8 @@ class AudioLMPolicy(nn.Module):
         was_training = self._hf.training
         self._hf.eval()  # no dropout / checkpointing during sampling
         try:
+            if getattr(self._hf, "rope_deltas", None) is not None:
+                self._hf.rope_deltas = None  # Omni thinker: stale (rows, 1) deltas of its previous call
             if group_size > 1:
                 sampling["past_key_values"] = self._shared_prefill(pe, group_size)
             out = self._hf.generate(

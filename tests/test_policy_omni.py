@@ -1,0 +1,185 @@
+"""AudioLMPolicy on a tiny random Qwen2.5-Omni thinker, unchanged module: model class auto-detected,
+completion log-probs vs the thinker's own forward, greedy rollout vs its argmax, audio encoded once,
+LoRA scoped to the language model, reference = base model.
+
+The thinker reuses the tiny Qwen2-Audio processor (chat template, ``<|AUDIO|>`` / ``<|audio_bos|>`` /
+``<|audio_eos|>``): both processors expand one ``<|AUDIO|>`` to ((L - 1) // 2 + 1 - 2) // 2 + 1 tokens for
+L mel frames, which is what the Omni audio tower outputs, so only the config's token ids must match.
+"""
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from transformers import AutoProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+from emorl_pl.modules.tiny import build_tiny_qwen2_audio
+
+SR = 16000
+G = 2
+INSTRUCTION = "What is the emotion of the speaker?"
+VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def omni_dir(tmp_path_factory):
+    """A tiny thinker: text 2 layers x 64, audio tower 2 layers x 64, a 1-block vision tower (unused)."""
+    root = tmp_path_factory.mktemp("omni")
+    processor = AutoProcessor.from_pretrained(build_tiny_qwen2_audio(root / "qwen2_audio", vocab_size=VOCAB))
+    ids = {t: processor.tokenizer.convert_tokens_to_ids(t)
+           for t in ("<|endoftext|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")}
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config={
+            "d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 128,
+            "num_mel_bins": 128, "output_dim": 64,  # output_dim = text hidden: the tower projects itself
+            "n_window": 50, "max_source_positions": 50,  # 100-frame chunks: the 1.5 s clip spans two
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32,
+                       "out_hidden_size": 64, "fullatt_block_indexes": [0]},
+        text_config={
+            "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+            # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width)
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        audio_token_index=ids["<|AUDIO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"],
+        audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=VOCAB - 1,  # read by get_rope_index even for audio-only input; never present
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
+    out = root / "thinker"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def _waves(lengths=(8000, 24000), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [0.1 * torch.randn(n, generator=g) for n in lengths]
+
+
+def _perturb_lora(policy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _rollout(policy, prompts, group_size, **kwargs):
+    return policy.rollout(prompts, group_size, **kwargs)
+
+
+def _thinker_logits(model, prompts, rollout):
+    """Independent path: the thinker's own forward (own audio merge, own 3-D rope positions) on the full
+    sequence input_ids + input_features + feature_attention_mask."""
+    utt = torch.arange(len(rollout)) // rollout.group_size
+    completion = rollout.completion_ids
+    ids = torch.cat([prompts.input_ids[utt], completion], 1)
+    attention = torch.cat([prompts.attention_mask[utt], torch.ones_like(completion)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention, input_features=prompts.input_features[utt],
+                       feature_attention_mask=prompts.feature_attention_mask[utt]).logits
+    p, t = prompts.input_ids.shape[1], completion.shape[1]
+    return logits[:, p - 1 : p + t - 1].double()
+
+
+def _thinker_logps(model, prompts, rollout, temperature=1.0):
+    logp = torch.log_softmax(_thinker_logits(model, prompts, rollout) / temperature, -1)
+    return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def full_policy(omni_dir):
+    return AudioLMPolicy(omni_dir, lora=None).load()
+
+
+@pytest.fixture(scope="module")
+def lora_policy(omni_dir):
+    policy = AudioLMPolicy(omni_dir, lora=LoraSettings(r=4, alpha=8)).load()
+    _perturb_lora(policy)
+    return policy
+
+
+def test_model_class_detected_from_model_type(full_policy, omni_dir):
+    assert AutoProcessor.from_pretrained(omni_dir) is not None
+    assert full_policy.model_class is None  # nothing passed: chosen from config.model_type
+    assert full_policy.hf_model.config.model_type == "qwen2_5_omni_thinker"
+    assert type(full_policy.hf_model) is Qwen2_5OmniThinkerForConditionalGeneration
+    tok = full_policy.processor.tokenizer
+    assert full_policy.audio_token_ids == sorted(
+        tok.convert_tokens_to_ids(t) for t in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"))
+
+
+@pytest.mark.parametrize(("which", "temperature"), [("full_policy", 1.0), ("lora_policy", 0.7)])
+def test_completion_logps_match_thinker_forward(request, which, temperature):
+    policy = request.getfixturevalue(which)
+    prompts = policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go"])
+    assert prompts.attention_mask[0, 0] == 0  # the shorter prompt is left-padded: positions matter
+    torch.manual_seed(1)
+    rollout = _rollout(policy, prompts, G, max_new_tokens=6, temperature=1.3)
+    assert rollout.completion_ids.shape[0] == 2 * G
+    expected = _thinker_logps(policy.hf_model, prompts, rollout, temperature)
+    got = policy.completion_logps(rollout, temperature=temperature)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    rows = torch.tensor([3, 0])
+    torch.testing.assert_close(policy.completion_logps(rollout, rows, temperature=temperature).double(),
+                               expected[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_rollout_follows_thinker_argmax(lora_policy):
+    # generate() runs on cached prompt embeds after a shared prefill: its positions must be the thinker's
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    rollout = _rollout(lora_policy, prompts, G, do_sample=False, max_new_tokens=6)
+    argmax = _thinker_logits(lora_policy.hf_model, prompts, rollout).argmax(-1)
+    mask = rollout.completion_mask.bool()
+    assert torch.equal(rollout.completion_ids[mask], argmax[mask])
+
+
+def test_audio_encoded_once_per_utterance(lora_policy):
+    lora_policy.audio_encoder_calls = lora_policy.audio_utterances_encoded = 0
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    rollout = _rollout(lora_policy, prompts, G, max_new_tokens=5)
+    with torch.no_grad():
+        lora_policy.completion_logps(rollout)
+        lora_policy.completion_logps(rollout, reference=True)
+    for rows in (slice(0, 1), slice(1, 4)):
+        lora_policy.completion_logps(rollout, rows).sum().backward()
+    assert lora_policy.audio_encoder_calls == 1
+    assert lora_policy.audio_utterances_encoded == 2
+
+
+def test_lora_scoped_to_language_model(lora_policy):
+    trainable = [n for n, p in lora_policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    lora_layers = [n for n, m in lora_policy.hf_model.named_modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
+    # the thinker's text model is hf.model; the audio tower and vision tower also have q/k/v-like layers
+    assert all(n.startswith("model.layers.") for n in lora_layers)
+    for tower in (lora_policy.hf_model.audio_tower, lora_policy.hf_model.visual):
+        assert not any("lora_" in n for n, _ in tower.named_parameters())
+        assert not any(isinstance(m, LoraLayer) for m in tower.modules())
+
+
+def test_reference_equals_fresh_base_thinker(lora_policy, omni_dir):
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    torch.manual_seed(3)
+    rollout = _rollout(lora_policy, prompts, G, max_new_tokens=6)
+    base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(omni_dir, attn_implementation="sdpa").eval()
+    expected = _thinker_logps(base, prompts, rollout)
+    ref = lora_policy.completion_logps(rollout, reference=True)
+    assert not ref.requires_grad
+    torch.testing.assert_close(ref.double(), expected, atol=1e-5, rtol=1e-5)
+    policy = lora_policy.completion_logps(rollout)
+    assert (policy.double() - expected).abs().max() > 1e-2  # the perturbed adapters do change the policy
+
+
+def test_rollout_after_another_row_count(full_policy):
+    waves = _waves()
+    full_policy.rollout(full_policy.build_prompts(waves, SR, INSTRUCTION), G, max_new_tokens=3)  # 4 rows
+    # The thinker keeps rope_deltas of shape (rows, 1) from its last call; the policy must reset them.
+    rollout = full_policy.rollout(full_policy.build_prompts(waves[:1], SR, INSTRUCTION), 3, max_new_tokens=3)
+    assert rollout.completion_ids.shape[0] == 3
