@@ -19,6 +19,11 @@ class EmoRLCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run trainer.test after fit")
         parser.link_arguments("data.init_args.label_set", "model.init_args.labels")
 
+    def _parse_ckpt_path(self) -> None:
+        # The given config is the source of truth for --ckpt_path runs: the checkpoint's hparams omit the
+        # policy block (weights come from model_dir + the checkpoint), so merging them would break it.
+        return
+
     def after_fit(self) -> None:
         if not self._get(self.config, "test_after_fit"):
             return
