@@ -76,3 +76,23 @@ def test_unknown_reward_fails_before_loading_and_names_it(tmp_path, capsys):
     text = str(err.value) + capsys.readouterr().err
     assert "bogus" in text and "eswr" in text
     assert not (tmp_path / "never-built").exists(), "no model may be built or loaded before the config is valid"
+
+
+def test_ckpt_path_runs_take_the_model_from_the_config(tmp_path, capsys, monkeypatch):
+    """``emorl validate|test|predict -c CONFIG --ckpt_path FILE``: Lightning checkpoints carry the module's
+    hparams (without the policy block); the CLI must build the model from the config, not from them."""
+    import torch
+
+    config = print_config(["-c", str(CONFIGS / "quickstart.yaml")], capsys)
+    hparams = {k: v for k, v in config["model"]["init_args"].items() if k not in ("policy", "optimizer")}
+    hparams.update(_class_path=config["model"]["class_path"], _instantiator="lightning.pytorch.cli.instantiate_module")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams}, ckpt)
+    # The policy block comes from the config file alone (its relative model_dir is built here).
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["validate", "-c", str(CONFIGS / "quickstart.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                   "--data.init_args.root", str(tmp_path / "synth"), "--data.init_args.num_speakers", "3",
+                   "--data.init_args.utterances_per_speaker_per_label", "1",
+                   "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--model.init_args.max_new_tokens", "4",
+                   "--ckpt_path", str(ckpt)])
+    assert "val/ua" in cli.trainer.callback_metrics

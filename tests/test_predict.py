@@ -32,7 +32,12 @@ def test_predict_writes_jsonl_and_reports_bad_files(tmp_path):
     policy = policy_from_config(CONFIGS / "tiny_grpo.yaml", str(tiny_model_dir())).load()
     state = {f"policy.{k}": v for k, v in policy.state_dict().items() if ".lora_" in k}
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": state, "global_step": 1, "pytorch-lightning_version": "2.6.6"}, ckpt)
+    # Like every Lightning checkpoint it carries the module's hyper_parameters (which omit the policy);
+    # the CLI must take the model from the config, not rebuild it from these.
+    hparams = {"_class_path": "emorl_pl.modules.grpo_module.GRPOModule", "labels": "iemocap4", "mode": "esr",
+               "group_size": 2, "sft_steps": 2, "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    torch.save({"state_dict": state, "global_step": 1, "pytorch-lightning_version": "2.6.6",
+                "hyper_parameters": hparams}, ckpt)
 
     out = tmp_path / "pred.jsonl"
     paths = f"[{audio}/*.wav,{audio / 'broken.flac'},{missing}]"
