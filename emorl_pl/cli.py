@@ -7,7 +7,11 @@ runs the test sets on the best checkpoint right after ``fit`` and prints the WA/
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from emorl_pl.modules.grpo_module import GRPOModule
@@ -18,6 +22,10 @@ class EmoRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run trainer.test after fit")
         parser.link_arguments("data.init_args.label_set", "model.init_args.labels")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        _refuse_linked_labels(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         # The given config is the source of truth for --ckpt_path runs: the checkpoint's hparams omit the
@@ -40,6 +48,26 @@ class EmoRLCLI(LightningCLI):
         results = getattr(self.model, "last_eval", {}).get("val")
         if results and self.trainer.is_global_zero:
             print(format_results_table(results, title="validation"))
+
+
+def _refuse_linked_labels(args: list[str]) -> None:
+    """The model's label set is linked from ``data.init_args.label_set``; jsonargparse would silently
+    replace a value given for it, so a user's ``model.init_args.labels`` is refused instead."""
+    if any(a.split("=")[0] in ("--model.init_args.labels", "--model.labels") for a in args):
+        raise ValueError(_LINKED_LABELS)
+    for flag, value in zip(args, args[1:]):
+        if flag not in ("-c", "--config", "--model") or not value.endswith((".yaml", ".yml")) or not Path(value).is_file():
+            continue
+        block = yaml.safe_load(Path(value).read_text()) or {}
+        block = block.get("model", block) if flag != "--model" else block
+        if isinstance(block, dict) and "labels" in (block.get("init_args") or {}):
+            raise ValueError(f"{value}: {_LINKED_LABELS}")
+
+
+_LINKED_LABELS = (
+    "model.init_args.labels is set from data.init_args.label_set (they are linked so that they cannot "
+    "disagree); give the label set on the data block instead"
+)
 
 
 def main(args: list[str] | None = None) -> None:

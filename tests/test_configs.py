@@ -96,3 +96,15 @@ def test_ckpt_path_runs_take_the_model_from_the_config(tmp_path, capsys, monkeyp
                    "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--model.init_args.max_new_tokens", "4",
                    "--ckpt_path", str(ckpt)])
     assert "val/ua" in cli.trainer.callback_metrics
+
+
+def test_model_labels_are_refused_because_they_come_from_the_data(tmp_path):
+    with pytest.raises(ValueError, match="data.init_args.label_set"):
+        run_cli(["fit", "-c", str(CONFIGS / "quickstart.yaml"), "--model.init_args.labels", "meld7"])
+    block = yaml.safe_load((CONFIGS / "model" / "emorl_qwen2_audio_7b.yaml").read_text())
+    block["init_args"]["labels"] = "meld7"
+    bad = tmp_path / "model.yaml"
+    bad.write_text(yaml.safe_dump(block))
+    with pytest.raises(ValueError, match="model.yaml.*data.init_args.label_set"):
+        run_cli(["fit", "-c", str(CONFIGS / "trainer" / "single_gpu.yaml"), "--model", str(bad),
+                 "--data", str(CONFIGS / "data" / "iemocap.yaml")])
