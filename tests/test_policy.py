@@ -259,3 +259,42 @@ def test_build_tiny_if_missing(tmp_path):
     target = tmp_path / "tiny"
     policy = AudioLMPolicy(str(target), build_tiny_if_missing=True).load()
     assert (target / "config.json").is_file() and policy.processor is not None
+
+
+def test_shared_prompt_path_equals_full_sequence_path(tiny_dir):
+    # float64: the two paths sum the same terms in different orders; only a real mismatch shows at 1e-5
+    policy = AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4, alpha=8)).load()
+    _perturb_lora(policy, seed=7)
+    policy.double()
+    prompts = policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
+    pads = (prompts.attention_mask == 0).sum(-1)
+    assert len(set(pads.tolist())) > 1  # uneven left padding across the utterances
+    torch.manual_seed(8)
+    rollout = policy.rollout(prompts, G, max_new_tokens=8)
+    rows = torch.tensor([7, 1, 4, 0, 2])  # utterances 2, 0, 1, 0, 0: three prompts shared by five rows
+    seen = []
+    decoder = policy.hf_model.get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    results = {}
+    try:
+        for share in (True, False):
+            policy._share_prompt = share
+            seen.clear()
+            policy.zero_grad()
+            logps = policy.completion_logps(rollout, rows, temperature=0.8)
+            (logps * rollout.completion_mask[rows]).sum().backward()
+            grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+            results[share] = (logps.detach(), grads, sum(b * s for b, s in seen))
+    finally:
+        hook.remove()
+        del policy._share_prompt
+    (shared, shared_grads, shared_tokens), (full, full_grads, full_tokens) = results[True], results[False]
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(shared_grads) == 2 * 7 * 2  # lora_A/B x 7 x 2 layers
+    for name, grad in full_grads.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-5)
+    p, t, n = prompts.input_ids.shape[1], rollout.completion_ids.shape[1], len(rows)
+    assert full_tokens == n * (p + t)
+    assert shared_tokens == 3 * (p - 1) + n * t  # each prompt once, then only the completion per row

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 from emorl_pl.grpo import completion_mask, is_truncated, token_logprobs
 from emorl_pl.modules.sharding import is_sharded, shard_model
@@ -596,6 +597,10 @@ class AudioLMPolicy(nn.Module):
         ``generate``); only the T hidden states that predict completion tokens go through ``lm_head``.
         Differentiable in grad mode; ``reference=True`` scores under the reference policy with no grad.
         Positions after the first EOS are scored too: mask them with ``rollout.completion_mask``.
+
+        The G rows of one utterance share their prompt, so the prompt runs once per utterance among the
+        selected rows and its per-layer keys/values are indexed out to the rows (``_shared_prompt_hidden``);
+        under gradient checkpointing, which drops caches, every row runs its full sequence instead.
         """
         self.load()
         n_rows = len(rollout)
@@ -606,14 +611,115 @@ class AudioLMPolicy(nn.Module):
         with grad, ctx as hf_model:
             pe = rollout.prompt
             utts, inverse = torch.unique(torch.div(r, rollout.group_size, rounding_mode="floor"), return_inverse=True)
-            prompt_embeds = self._prompt_embeds(hf_model, pe, utts, reference)[inverse]
+            prompt_embeds = self._prompt_embeds(hf_model, pe, utts, reference)
+            prompt_mask = pe.attention_mask[utts]
             completion = rollout.completion_ids[r]
-            embeds = torch.cat([prompt_embeds, self._embed(hf_model)(completion)], dim=1)
-            attention = torch.cat([pe.attention_mask[utts][inverse], torch.ones_like(completion)], dim=1)
-            positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-            hidden = self._decoder(hf_model)(
-                inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=False
-            ).last_hidden_state
-            p, t = prompt_embeds.shape[1], completion.shape[1]
-            logits = hf_model.lm_head(hidden[:, p - 1 : p + t - 1])
+            if self._share_prompt and self._can_share_prompt(hf_model, prompt_embeds.shape[1], completion.shape[1]):
+                hidden = self._shared_prompt_hidden(hf_model, prompt_embeds, prompt_mask, inverse, completion)
+            else:
+                hidden = self._full_sequence_hidden(hf_model, prompt_embeds[inverse], prompt_mask[inverse], completion)
+            logits = hf_model.lm_head(hidden)
             return token_logprobs(logits, completion, temperature=temperature, chunk_size=chunk_size)
+
+    # Off only to compare against the full-sequence path (tests, benchmarks).
+    _share_prompt: bool = True
+
+    def _can_share_prompt(self, hf_model: nn.Module, prompt_len: int, completion_len: int) -> bool:
+        """The cached-prompt path needs a prompt of >= 2 tokens, a completion, full attention in every layer
+        (no sliding windows) and, where layers are checkpointed, non-reentrant checkpointing: the prompt's
+        keys/values leave the checkpointed layer through the cache, which only that mode differentiates."""
+        if prompt_len < 2 or completion_len < 1:
+            return False
+        text_config = hf_model.config.get_text_config()
+        if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or ()):
+            return False
+        for layer in _checkpointed_layers(self._decoder(hf_model)):
+            if getattr(layer._gradient_checkpointing_func, "keywords", {}).get("use_reentrant", True):
+                return False
+        return True
+
+    def _full_sequence_hidden(self, hf_model: nn.Module, prompt_embeds: Tensor, prompt_mask: Tensor,
+                              completion: Tensor) -> Tensor:
+        """Final hidden states that predict the completion tokens, (n, T, D), from one pass per row over
+        [prompt (n, P) ; completion (n, T)] at positions cumsum(mask) - 1; h[:, P-1+t] predicts c[t]."""
+        embeds = torch.cat([prompt_embeds, self._embed(hf_model)(completion)], dim=1)
+        attention = torch.cat([prompt_mask, torch.ones_like(completion)], dim=1)
+        positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self._decoder(hf_model)(
+            inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=False
+        ).last_hidden_state
+        p, t = prompt_embeds.shape[1], completion.shape[1]
+        return hidden[:, p - 1 : p + t - 1]
+
+    def _shared_prompt_hidden(self, hf_model: nn.Module, prompt_embeds: Tensor, prompt_mask: Tensor,
+                              inverse: Tensor, completion: Tensor) -> Tensor:
+        """As ``_full_sequence_hidden`` for rows ``inverse`` of U unique prompts (U, P), prefilling each once.
+
+            KV_l = decoder(prompt[:, :P-1]) keys/values of layer l, (U, H, P-1, d)  -> KV_l[inverse]
+            h    = decoder([prompt[inverse, P-1] ; c[:, :T-1]] | KV) at positions (P-1 .. P+T-2) of
+                   cumsum([mask ; 1]) - 1, so h[:, t] predicts c[t]
+
+        The indexing is differentiable: in grad mode the prompt's gradients (LoRA, full fine-tuning, a
+        trainable tower) sum over the rows that share it, as in the full-sequence pass. Both caches are
+        replay-safe, so checkpointed layers may keep them (see ``_RecordingLayer``, ``_ReadOnlyLayer``).
+        """
+        decoder = self._decoder(hf_model)
+        recorded = Cache(layer_class_to_replicate=_RecordingLayer)
+        prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        head = completion[:, :-1]
+        attention = torch.cat([prompt_mask[inverse], torch.ones_like(head)], dim=1)
+        positions = (attention.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_embeds.shape[1] - 1 :]
+        with _cache_through_checkpoints(decoder):
+            decoder(
+                inputs_embeds=prompt_embeds[:, :-1], attention_mask=prompt_mask[:, :-1],
+                position_ids=prompt_positions[:, :-1], past_key_values=recorded, use_cache=False,
+            )
+            past = Cache(layers=[_ReadOnlyLayer(layer.keys[inverse], layer.values[inverse]) for layer in recorded.layers])
+            embeds = torch.cat([prompt_embeds[inverse, -1:], self._embed(hf_model)(head)], dim=1)
+            return decoder(
+                inputs_embeds=embeds, attention_mask=attention, position_ids=positions, past_key_values=past,
+                use_cache=False,
+            ).last_hidden_state
+
+
+class _RecordingLayer(DynamicLayer):
+    """A cache layer that keeps the keys/values of its last update instead of appending them: a checkpointed
+    layer's backward replay records equal states again rather than doubling the cache."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class _ReadOnlyLayer(DynamicLayer):
+    """Fixed past keys/values (n, H, S, d): each update attends over [past ; new] and stores nothing, so a
+    checkpointed layer's replay sees the same past."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def _checkpointed_layers(decoder: nn.Module) -> list[nn.Module]:
+    """Layers that transformers runs under gradient checkpointing now (its flag, in training mode)."""
+    return [m for m in decoder.modules() if getattr(m, "gradient_checkpointing", False) and m.training
+            and hasattr(m, "_gradient_checkpointing_func")]
+
+
+@contextlib.contextmanager
+def _cache_through_checkpoints(decoder: nn.Module) -> Iterator[None]:
+    """Let checkpointed layers keep ``past_key_values``: transformers drops it unless the layer says the cache
+    is only read, which holds for the replay-safe caches of ``_shared_prompt_hidden``."""
+    layers = _checkpointed_layers(decoder)
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class default
