@@ -630,6 +630,10 @@ class AudioLMPolicy(nn.Module):
         keys/values leave the checkpointed layer through the cache, which only that mode differentiates."""
         if prompt_len < 2 or completion_len < 1:
             return False
+        if self.is_sharded and torch.is_grad_enabled():
+            # FSDP2 reshards a unit after each forward; the decoder would run twice (prompt, completion)
+            # before one backward, and the first graph's gathered weights would already be freed.
+            return False
         text_config = hf_model.config.get_text_config()
         if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or ()):
             return False
