@@ -298,3 +298,95 @@ def test_shared_prompt_path_equals_full_sequence_path(tiny_dir):
     p, t, n = prompts.input_ids.shape[1], rollout.completion_ids.shape[1], len(rows)
     assert full_tokens == n * (p + t)
     assert shared_tokens == 3 * (p - 1) + n * t  # each prompt once, then only the completion per row
+
+
+# ---------------------------------------------------------------------------- lean decode loop vs generate
+def _decoder_calls(policy):
+    calls = []
+    hook = policy.hf_model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, hook
+
+
+@pytest.mark.parametrize("group_size", [1, G])
+def test_lean_decode_greedy_equals_generate(lora_policy, group_size):
+    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
+    assert len(set((prompts.attention_mask == 0).sum(-1).tolist())) > 1  # uneven left padding
+    pe = lora_policy.encode_prompts(prompts)
+    out = {}
+    try:
+        for lean in (True, False):
+            lora_policy._lean_decode = lean
+            out[lean] = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
+    finally:
+        del lora_policy._lean_decode
+    assert torch.equal(out[True].completion_ids, out[False].completion_ids)
+    assert torch.equal(out[True].completion_mask, out[False].completion_mask)
+    assert out[True].texts == out[False].texts
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.3),
+                                                              (0.8, 40, 0.5)])
+def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        SuppressTokensLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    policy = AudioLMPolicy(tiny_dir).load()
+    prompts = policy.build_prompts(_waves((8000,)), SR, INSTRUCTION)  # one prompt: no padding
+    pe = policy.encode_prompts(prompts)
+    with torch.no_grad():
+        raw = policy.hf_model(inputs_embeds=pe.inputs_embeds, attention_mask=pe.attention_mask).logits[:, -1]
+    # Hugging Face's own processors, in generate's order, as the oracle
+    oracle = [SuppressTokensLogitsProcessor(policy.audio_token_ids), TemperatureLogitsWarper(temperature)]
+    oracle += [TopKLogitsWarper(top_k)] if top_k else []
+    oracle += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    scores = raw.float()
+    for processor in oracle:
+        scores = processor(pe.input_ids, scores)
+    expected = torch.softmax(scores, -1).expand(2, -1)
+    seen = []
+
+    def recording_multinomial(probs, num_samples):
+        seen.append(probs.clone())
+        return probs.argmax(-1, keepdim=True)
+
+    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    policy.rollout(pe, 2, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=1e-5)
+    kept = int((expected[0] > 0).sum())
+    assert kept < expected.shape[1] - len(policy.audio_token_ids) if (top_k or top_p < 1) else kept > 1
+    assert (seen[0][:, policy.audio_token_ids] == 0).all()
+
+
+def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(tiny_dir):
+    policy = AudioLMPolicy(tiny_dir).load()
+    eos, pad = policy.eos_token_ids, policy.pad_token_id
+    lm_head, norm = policy.hf_model.lm_head.weight, policy.hf_model.model.language_model.norm.weight
+    pe = policy.encode_prompts(policy.build_prompts(_waves((8000, 24000)), SR, INSTRUCTION))
+    with torch.no_grad():
+        lm_head[eos[0]] += 0.3 * norm  # EOS likely but not certain: rows end at different steps
+    torch.manual_seed(0)
+    ids = policy._decode(pe, 8, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         synced_gpus=False)
+    hit = torch.isin(ids, torch.tensor(eos))
+    ends = [int(h.nonzero()[0]) if h.any() else None for h in hit]
+    assert len({e for e in ends if e is not None}) > 1 and None in ends  # mixed: some ended, some truncated
+    assert ids.shape == (16, 16)
+    for row, end in zip(ids, ends):
+        if end is not None:
+            assert (row[end + 1 :] == pad).all()  # a finished row emits pad
+    with torch.no_grad():
+        lm_head[eos[0]] += 50 * norm  # now every row ends at its first token
+    for synced, expected_calls in ((False, 1 + 8), (True, 1 + 20)):  # shared prefill + decode steps
+        calls, hook = _decoder_calls(policy)
+        try:
+            rollout = policy.rollout(pe, 3, max_new_tokens=20, synced_gpus=synced)
+        finally:
+            hook.remove()
+        assert len(calls) == expected_calls  # stop checked every 8 tokens; synced ranks run all 20
+        assert rollout.completion_ids.tolist() == [[eos[0]]] * 6 and rollout.completion_mask.all()
+        assert not rollout.truncated.any()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -496,7 +497,9 @@ class AudioLMPolicy(nn.Module):
 
         Rows are ``repeat_interleave``d: rows b*G .. b*G+G-1 belong to utterance b. The audio special
         tokens are suppressed (a sampled ``<|AUDIO|>`` would break re-scoring); generation stops at
-        ``<|im_end|>`` or the tokenizer's eos.
+        ``<|im_end|>`` or the tokenizer's eos. Decoding runs in ``_decode`` (a lean loop; sampling only by
+        temperature / top-k / top-p, not ``generation_config``'s other processors such as a repetition
+        penalty, which the log-probs would not include either), else in Hugging Face ``generate``.
         """
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -512,6 +515,10 @@ class AudioLMPolicy(nn.Module):
         try:
             if getattr(self._hf, "rope_deltas", None) is not None:
                 self._hf.rope_deltas = None  # Omni thinker: stale (rows, 1) deltas of its previous call
+            if self._lean_decode and self._can_decode(pe):
+                out = self._decode(pe, group_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, synced_gpus=synced_gpus)
+                return self._as_rollout(pe, out, group_size, mask_truncated)
             if group_size > 1:
                 sampling["past_key_values"] = self._shared_prefill(pe, group_size)
             out = self._hf.generate(
@@ -527,11 +534,95 @@ class AudioLMPolicy(nn.Module):
             )
         finally:
             self._hf.train(was_training)
-        ids = out if isinstance(out, Tensor) else out.sequences
+        return self._as_rollout(pe, out if isinstance(out, Tensor) else out.sequences, group_size, mask_truncated)
+
+    def _as_rollout(self, pe: PromptEmbeds, ids: Tensor, group_size: int, mask_truncated: bool) -> Rollout:
         mask = completion_mask(ids, self.eos_token_ids, mask_truncated=mask_truncated)
         ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size)
+
+    # Off only to compare against Hugging Face ``generate`` (tests, benchmarks); ``_decode`` is the default.
+    _lean_decode: bool = True
+
+    def _can_decode(self, pe: PromptEmbeds) -> bool:
+        """The lean loop needs a prompt of >= 2 tokens (one to prefill, one to feed) and a decoder that
+        takes ``past_key_values``; otherwise ``rollout`` falls back to ``generate``."""
+        if pe.inputs_embeds.shape[1] < 2:
+            return False
+        params = inspect.signature(self._decoder(self._hf).forward).parameters
+        return "past_key_values" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def _decode(
+        self,
+        pe: PromptEmbeds,
+        group_size: int,
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        synced_gpus: bool | None,
+    ) -> Tensor:
+        """``generate`` without its per-token overhead: (B*G, T) new token ids, pad after each row's first EOS.
+
+            KV   = shared prefill of prompt[:, :P-1]  (B rows once, repeated G times)
+            h_t  = decoder(x_t | KV) at position cumsum([mask ; 1])-1, x_0 = prompt[:, P-1], x_t = embed(c_{t-1})
+            z_t  = lm_head(h_t) in float32, audio ids at -inf
+            c_t  = argmax z_t (greedy)  or  c_t ~ softmax(top_p(top_k(z_t / temperature)))  (``warp_logits``)
+
+        A finished row emits pad. Whether every row has finished is read every ``_STOP_CHECK_EVERY`` tokens
+        only (each read is a host sync); T is then trimmed to the longest completion, as ``generate`` returns.
+        With ``synced_gpus`` every rank must run the same number of decoder calls (FSDP all-gathers inside
+        them): the stop flag is all-reduced when torch.distributed is up, else all ``max_new_tokens`` run.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if synced_gpus is None:  # as generate decides it: sharded and more than one rank
+            synced_gpus = self.is_sharded and _world_size() > 1
+        hf = self._hf
+        decoder, embed, lm_head = self._decoder(hf), self._embed(hf), hf.lm_head
+        cache = self._shared_prefill(pe, group_size)
+        prompt_mask = pe.attention_mask.repeat_interleave(group_size, 0)
+        n, p = prompt_mask.shape
+        device = prompt_mask.device
+        attention = torch.cat([prompt_mask, prompt_mask.new_ones(n, max_new_tokens)], dim=1)
+        position = prompt_mask.long().sum(-1, keepdim=True) - 1  # of the last prompt token (left padding)
+        x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        suppress = torch.tensor(self.audio_token_ids, dtype=torch.long, device=device)
+        ids = torch.full((n, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        steps = max_new_tokens
+        for t in range(max_new_tokens):
+            hidden = decoder(
+                inputs_embeds=x, attention_mask=attention[:, : p + t], position_ids=position + t,
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            logits = lm_head(hidden[:, -1]).float()
+            if suppress.numel():
+                logits.index_fill_(-1, suppress, -float("inf"))
+            if do_sample:
+                probs = torch.softmax(warp_logits(logits, temperature, top_k, top_p), dim=-1)
+                token = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            token = token.masked_fill(finished, self.pad_token_id)
+            ids[:, t] = token
+            finished |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens:
+                break
+            if (t + 1) % _STOP_CHECK_EVERY == 0 and _all_finished(finished, synced_gpus):
+                steps = t + 1
+                break
+            x = embed(token).unsqueeze(1)
+        ids = ids[:, :steps]
+        hit = torch.isin(ids, eos)
+        lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, steps)
+        return ids[:, : int(lengths.max())]
 
     def _shared_prefill(self, pe: PromptEmbeds, group_size: int):
         """KV cache of the first P-1 prompt tokens, computed for the B prompts once and repeated G times.
@@ -684,6 +775,48 @@ class AudioLMPolicy(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention, position_ids=positions, past_key_values=past,
                 use_cache=False,
             ).last_hidden_state
+
+
+_STOP_CHECK_EVERY = 8  # decode steps between reads of the "all rows finished" flag (a host sync each)
+
+
+def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Sampling logits as Hugging Face's Temperature, TopK then TopP warpers make them (-inf = removed).
+
+        z  = logits / temperature
+        top-k: drop z_i < (k-th largest z)                                   (ties at the k-th are kept)
+        top-p: sort ascending, c_j = cumsum softmax; drop the tokens with c_j <= 1 - top_p, never the largest,
+               i.e. keep the smallest set of most likely tokens whose probability sums to >= top_p
+
+    ``top_k = 0`` and ``top_p = 1`` switch those filters off.
+    """
+    z = logits / temperature if temperature != 1.0 else logits
+    if top_k and top_k > 0:
+        kth = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, descending=False, dim=-1)
+        drop = sorted_z.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1:] = False
+        z = z.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return z
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_finished(finished: Tensor, synced_gpus: bool) -> bool:
+    """Whether decoding may stop: every row here has finished and, with ``synced_gpus``, on every rank too
+    (without an initialised process group a synced run never stops early)."""
+    if not synced_gpus:
+        return bool(finished.all())
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    flag = finished.all().to(torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 class _RecordingLayer(DynamicLayer):
