@@ -124,9 +124,7 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # The checkpoint holds only trainable weights (LoRA); base weights come from the model dir.
         self.strict_loading = False
-        self._metrics: dict[str, torch.nn.ModuleDict] = {}
         self._eval_names: dict[str, list[str]] = {}
-        self._format_counts: dict[str, list[int]] = {}
         self._accum = 0
         self._rl_started = False
         self._reference_dir: str | None = None
@@ -458,7 +456,6 @@ def _stats_dict(stats: Any) -> dict[str, float]:
     items = stats.items() if isinstance(stats, Mapping) else vars(stats).items()
     names = {
         "kl": "kl",
-        "mean_kl": "kl",
         "clip_ratio_low": "clip_ratio/low_mean",
         "clip_ratio_high": "clip_ratio/high_mean",
         "clip_ratio_region": "clip_ratio/region_mean",
