@@ -10,19 +10,24 @@ R1-AQA's fork of GRPOTrainer does for Qwen2-Audio: the processor builds prompt i
 ``generate`` runs on input_ids + input_features, and each log-prob pass re-runs the full model forward
 on input_ids + input_features of the rows it scores (``AudioGRPOTrainer`` below).
 
-The two trainers run alternately, one step each, in one process: each runs its own real loop
-(``Trainer.fit`` / ``GRPOTrainer.train``) in a thread, and a baton passes at step boundaries, so drift
-in the machine's speed hits both alike. Peak memory is per step above its start (CUDA: max allocated;
-CPU: sampled RSS, see ``_common.PeakMemory``). After each of our steps the floor (``_common.floor_seconds``)
-is measured alone. Printed: medians, ratios ours/TRL with min-max and IQR over repetitions, step/floor.
+The two trainers run alternately, one step each, each in its own process: each runs its own real loop
+(``Trainer.fit`` / ``GRPOTrainer.train``) in that process's main thread, and a baton (a cross-process
+condition) passes at step boundaries, so drift in the machine's speed hits both alike. Not threads of one
+process: on CPU, torch ops issued from a non-main thread run several times slower for small tensors (the
+OpenMP pool's wake-up; measured 2x on this step, 8x on a 24x64 matmul), which would time the harness, not
+the trainers. Peak memory is per step above its start, in the trainer's own process (CUDA: max allocated;
+CPU: sampled RSS, see ``_common.PeakMemory``). After each of our steps the floor
+(``_common.floor_seconds``) is measured alone, inside our turn. Printed: medians, ratios ours/TRL with
+min-max and IQR over repetitions, step/floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import queue
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -58,23 +63,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Baton:
-    """Two loops take turns, one step each; a finished loop stops blocking the other."""
+    """Two loops in two processes take turns, one step each; a finished loop stops blocking the other."""
 
-    def __init__(self, first: str, second: str) -> None:
-        self.cond = threading.Condition()
-        self.turn, self.other = first, {first: second, second: first}
-        self.done: set[str] = set()
+    NAMES = ("ours", "trl")
+
+    def __init__(self, ctx) -> None:
+        self.cond = ctx.Condition()
+        self.turn = ctx.Value("i", 0, lock=False)  # index into NAMES; guarded by cond
+        self.done = ctx.Array("b", [0, 0], lock=False)
+
+    def _me(self, me: str) -> tuple[int, int]:
+        i = self.NAMES.index(me)
+        return i, 1 - i
 
     def acquire(self, me: str) -> None:
+        i, other = self._me(me)
         with self.cond:
-            self.cond.wait_for(lambda: self.turn == me or self.other[me] in self.done)
+            self.cond.wait_for(lambda: self.turn.value == i or self.done[other])
 
     def release(self, me: str, finished: bool = False) -> None:
+        i, other = self._me(me)
         with self.cond:
-            self.turn = self.other[me]
+            self.turn.value = other
             if finished:
-                self.done.add(me)
+                self.done[i] = 1
             self.cond.notify_all()
+
+    def wait_all_done(self) -> None:
+        """After the last step: nothing of this process may overlap the other's timed steps."""
+        with self.cond:
+            self.cond.wait_for(lambda: all(self.done))
 
 
 class Side:
@@ -89,9 +107,15 @@ class Side:
         self.calls: list[int] = []
         self.rows: list[int] = []
         self.last_tokens = float("nan")
+        self.holding = False
 
     def begin(self) -> None:
+        # A turn runs from one step's begin to the next: what a loop does between steps (TRL's data
+        # loader turns the audio arrays into Python lists there) must not overlap the other's timed step.
+        if self.holding:
+            self.baton.release(self.name)
         self.baton.acquire(self.name)
+        self.holding = True
         self._counts = self.counter.snapshot()
         self._mem = self.memory.measure(self.peaks)
         self._mem.__enter__()
@@ -108,7 +132,14 @@ class Side:
         self.tokens.append(self.last_tokens)
         if after is not None:
             after()  # e.g. the floor: outside the step's span, still inside this side's turn
-        self.baton.release(self.name, finished=len(self.times) >= self.steps)
+        if len(self.times) >= self.steps:
+            self.baton.release(self.name, finished=True)
+            self.holding = False
+            self.baton.wait_all_done()
+
+    def record(self) -> dict:
+        return {"times": self.times, "peaks": self.peaks, "tokens": self.tokens, "calls": self.calls,
+                "rows": self.rows}
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -245,17 +276,12 @@ class OursTiming(L.Callback):
         self.side.end(self.after)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
+def _run_ours(args, model_dir: str, baton: Baton) -> dict:
     torch.manual_seed(0)
-    model_dir = args.model or default_model_dir()
-    steps = args.warmup + args.reps
     batch = synthetic_batch(args.batch_size, args.seconds, seed=0)
-    baton, memory = Baton("ours", "trl"), PeakMemory()
-
     module = build_module(args, model_dir)
     policy: AudioLMPolicy = module.policy.load()
-    ours = Side("ours", baton, steps, policy._audio_tower(policy.hf_model), memory)
+    ours = Side("ours", baton, args.warmup + args.reps, policy._audio_tower(policy.hf_model), PeakMemory())
     rollout_fn = policy.rollout
 
     def counting_rollout(*a, **k):
@@ -270,55 +296,96 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         floors.append(floor_seconds(policy, batch, module.instruction, args.group_size, args.max_new_tokens,
                                     args.beta, args.temperature))
 
-    trl_trainer, theirs = build_trl(
-        args, model_dir, batch, module.instruction, policy._lora_targets(policy.hf_model), module.reward_set,
-        policy.audio_token_ids, lambda tower: Side("trl", baton, steps, tower, memory),
+    trainer = L.Trainer(max_steps=ours.steps, accelerator="auto", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[OursTiming(ours, measure_floor)])
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * ours.steps, batch_size=None))
+    return {**ours.record(), "floors": floors, "device": str(trainer.strategy.root_device)}
+
+
+def _run_trl(args, model_dir: str, baton: Baton, shared: dict) -> dict:
+    torch.manual_seed(0)
+    batch = synthetic_batch(args.batch_size, args.seconds, seed=0)
+    reward_set = build_module(args, model_dir).reward_set  # the policy is not loaded by this
+    trainer, theirs = build_trl(
+        args, model_dir, batch, shared["instruction"], shared["lora_targets"], reward_set,
+        shared["audio_token_ids"], lambda tower: Side("trl", baton, args.warmup + args.reps, tower, PeakMemory()),
     )
-    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[OursTiming(ours, measure_floor)])
-    errors: list[BaseException] = []
+    trainer.train()
+    return theirs.record()
 
-    def run(name, fn):
+
+def _side_process(name: str, args, model_dir: str, baton: Baton, shared: dict, results) -> None:
+    """One trainer in its own process; its records (or its error) go back through ``results``."""
+    try:
+        record = _run_ours(args, model_dir, baton) if name == "ours" else _run_trl(args, model_dir, baton, shared)
+        results.put((name, record, None))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        import traceback
+
+        results.put((name, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        baton.release(name, finished=True)  # never leave the other side waiting
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    model_dir = args.model or default_model_dir()
+    # What both sides must agree on, read once here (the policy is loaded on the CPU and dropped).
+    module = build_module(args, model_dir)
+    policy = module.policy.load()
+    shared = {"instruction": module.instruction, "lora_targets": policy._lora_targets(policy.hf_model),
+              "audio_token_ids": list(policy.audio_token_ids)}
+    del module, policy
+
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch state, each loop in a main thread
+    baton, results = Baton(ctx), ctx.Queue()
+    procs = {name: ctx.Process(target=_side_process, args=(name, args, model_dir, baton, shared, results))
+             for name in Baton.NAMES}
+    for proc in procs.values():
+        proc.start()
+    records: dict[str, dict] = {}
+    while len(records) < len(procs):
         try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
-        finally:
-            baton.release(name, finished=True)
+            name, record, error = results.get(timeout=5)
+        except queue.Empty:
+            dead = [n for n, p in procs.items() if n not in records and not p.is_alive()]
+            if dead:
+                for proc in procs.values():
+                    proc.terminate()
+                raise RuntimeError(
+                    f"vs_trl: the {dead[0]} process died (exit code {procs[dead[0]].exitcode})") from None
+            continue
+        if error is not None:
+            for proc in procs.values():
+                proc.terminate()
+            raise RuntimeError(f"vs_trl: the {name} side failed:\n{error}")
+        records[name] = record
+    for proc in procs.values():
+        proc.join()
 
-    threads = [
-        threading.Thread(target=run, args=("ours", lambda: trainer.fit(
-            module, torch.utils.data.DataLoader([batch] * steps, batch_size=None)))),
-        threading.Thread(target=run, args=("trl", trl_trainer.train)),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
+    ours, theirs = records["ours"], records["trl"]
     w = args.warmup
-    o, t = ours.times[w:], theirs.times[w:]
-    f = [x["floor"] for x in floors[w:]]
+    o, t = ours["times"][w:], theirs["times"][w:]
+    floors = ours["floors"][w:]
+    f = [x["floor"] for x in floors]
     ratio = quantiles([a / b for a, b in zip(o, t)])
-    print(f"device={trainer.strategy.root_device} model={model_dir} B={args.batch_size} G={args.group_size} "
+    print(f"device={ours['device']} model={model_dir} B={args.batch_size} G={args.group_size} "
           f"max_new_tokens={args.max_new_tokens} beta={args.beta} loss={args.loss_type} reps={args.reps} "
-          f"(after {w} warm-up, alternating)")
+          f"(after {w} warm-up, alternating, one process each)")
 
-    def row(side: Side, times):
+    def row(name: str, side: dict, times):
         q = quantiles(times)
-        tokens = quantiles(side.tokens[w:])["median"]
-        return [side.name, 1e3 * q["median"], 1e3 * q["min"], 1e3 * q["max"], tokens / q["median"],
-                quantiles(side.peaks[w:])["median"], quantiles(side.calls[w:])["median"],
-                quantiles(side.rows[w:])["median"], q["median"] / quantiles(f)["median"]]
+        tokens = quantiles(side["tokens"][w:])["median"]
+        return [name, 1e3 * q["median"], 1e3 * q["min"], 1e3 * q["max"], tokens / q["median"],
+                quantiles(side["peaks"][w:])["median"], quantiles(side["calls"][w:])["median"],
+                quantiles(side["rows"][w:])["median"], q["median"] / quantiles(f)["median"]]
 
     print_table("per step (medians over reps)",
                 ["trainer", "ms", "min ms", "max ms", "tokens/s", "peak MiB", "audio calls", "audio rows",
-                 "step/floor"], [row(ours, o), row(theirs, t)])
+                 "step/floor"], [row("ours", ours, o), row("trl", theirs, t)])
     print_table("floor (each piece alone, same run)", ["piece", "ms"],
-                [[k, 1e3 * quantiles([x[k] for x in floors[w:]])["median"]] for k in floors[0]])
+                [[k, 1e3 * quantiles([x[k] for x in floors])["median"]] for k in floors[0]])
     summary = {
         "ours_over_trl": ratio["median"],
         "ours_over_trl_min": ratio["min"],
@@ -328,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "trl_over_ours": 1 / ratio["median"],
         "ours_over_floor": quantiles([a / b for a, b in zip(o, f)])["median"],
         "trl_over_floor": quantiles([a / b for a, b in zip(t, f)])["median"],
-        "peak_mem_ours_over_trl": quantiles(ours.peaks[w:])["median"] / max(quantiles(theirs.peaks[w:])["median"], 1e-9),
+        "peak_mem_ours_over_trl": (quantiles(ours["peaks"][w:])["median"]
+                                   / max(quantiles(theirs["peaks"][w:])["median"], 1e-9)),
     }
     print_table("ratios (same run)", ["metric", "value"], [[k, v] for k, v in summary.items()])
     return summary

@@ -6,7 +6,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import Qwen2AudioForConditionalGeneration
 
-from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+import emorl_pl.modules.policy as policy_module
+from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings, sample_categorical
 from emorl_pl.modules.tiny import build_tiny_qwen2_audio
 
 SR = 16000
@@ -302,31 +303,35 @@ def test_shared_prompt_path_equals_full_sequence_path(tiny_dir):
 
 # ---------------------------------------------------------------------------- lean decode loop vs generate
 def _decoder_calls(policy):
+    """Decoder passes, counted at the final norm: both the decoder's forward and the fused step run it."""
     calls = []
-    hook = policy.hf_model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    hook = policy.hf_model.get_decoder().norm.register_forward_pre_hook(lambda *a: calls.append(1))
     return calls, hook
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("group_size", [1, G])
-def test_lean_decode_greedy_equals_generate(lora_policy, group_size):
+def test_lean_decode_greedy_equals_generate(lora_policy, group_size, fused):
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
     assert len(set((prompts.attention_mask == 0).sum(-1).tolist())) > 1  # uneven left padding
     pe = lora_policy.encode_prompts(prompts)
     out = {}
+    lora_policy.fused_decode = fused
     try:
         for lean in (True, False):
             lora_policy._lean_decode = lean
             out[lean] = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
     finally:
         del lora_policy._lean_decode
+        lora_policy.fused_decode = True
     assert torch.equal(out[True].completion_ids, out[False].completion_ids)
     assert torch.equal(out[True].completion_mask, out[False].completion_mask)
     assert out[True].texts == out[False].texts
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.3),
-                                                              (0.8, 40, 0.5)])
-def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, temperature, top_k, top_p):
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "fused"), [(1.0, 0, 1.0, True), (0.7, 5, 1.0, True),
+                                                                       (1.3, 0, 0.3, False), (0.8, 40, 0.5, True)])
+def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, temperature, top_k, top_p, fused):
     from transformers.generation.logits_process import (
         SuppressTokensLogitsProcessor,
         TemperatureLogitsWarper,
@@ -334,7 +339,7 @@ def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, 
         TopPLogitsWarper,
     )
 
-    policy = AudioLMPolicy(tiny_dir).load()
+    policy = AudioLMPolicy(tiny_dir, fused_decode=fused).load()
     prompts = policy.build_prompts(_waves((8000,)), SR, INSTRUCTION)  # one prompt: no padding
     pe = policy.encode_prompts(prompts)
     with torch.no_grad():
@@ -349,11 +354,11 @@ def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, 
     expected = torch.softmax(scores, -1).expand(2, -1)
     seen = []
 
-    def recording_multinomial(probs, num_samples):
+    def recording_sampler(probs):
         seen.append(probs.clone())
-        return probs.argmax(-1, keepdim=True)
+        return probs.argmax(-1)
 
-    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    monkeypatch.setattr(policy_module, "sample_categorical", recording_sampler)
     policy.rollout(pe, 2, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=1e-5)
@@ -362,13 +367,30 @@ def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, 
     assert (seen[0][:, policy.audio_token_ids] == 0).all()
 
 
-def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(tiny_dir):
-    policy = AudioLMPolicy(tiny_dir).load()
+def test_sample_categorical_draws_each_index_at_its_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 2.0],  # unnormalised: only ratios matter
+                          [1.0, 1.0, 1.0, 1.0, 0.0]])
+    n = 40_000
+    torch.manual_seed(0)
+    draws = sample_categorical(probs.repeat(n, 1)).view(n, 3)
+    assert draws.dtype == torch.long
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / n
+        expected = probs[row].double() / probs[row].sum()
+        assert (freq[expected == 0] == 0).all()  # a zero-probability index is never drawn
+        sigma = (expected * (1 - expected) / n).sqrt()
+        assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all(), (row, freq, expected)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(tiny_dir, fused):
+    policy = AudioLMPolicy(tiny_dir, fused_decode=fused).load()
     eos, pad = policy.eos_token_ids, policy.pad_token_id
     lm_head, norm = policy.hf_model.lm_head.weight, policy.hf_model.model.language_model.norm.weight
     pe = policy.encode_prompts(policy.build_prompts(_waves((8000, 24000)), SR, INSTRUCTION))
     with torch.no_grad():
-        lm_head[eos[0]] += 0.3 * norm  # EOS likely but not certain: rows end at different steps
+        lm_head[eos[0]] += 0.5 * norm  # EOS likely but not certain: rows end at different steps
     torch.manual_seed(0)
     ids = policy._decode(pe, 8, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                          synced_gpus=False)

@@ -1,0 +1,159 @@
+"""One decode step of a Qwen2-family language model on a static KV cache, LoRA merged (rollouts only).
+
+Per generated token and layer, the Hugging Face forward pays for mask building, cache bookkeeping, output
+containers and, under peft, four linears per LoRA projection (base, A, B, scale). During a rollout the
+weights do not change, so ``FusedDecodeStep`` takes the effective weights once per rollout,
+
+    W_eff = W + sum_a s_a B_a A_a                    (each active LoRA adapter a, as peft merges it)
+    W_qkv = [W_q ; W_k ; W_v],  W_gu = [W_gate ; W_up]  (one matmul each instead of three / two)
+
+and runs, for the token x at position pos written to cache column c,
+
+    h = x
+    for each layer:
+        q, k, v = split(RMSNorm_1(h) W_qkv^T + b_qkv);   q, k = rope(q, pos), rope(k, pos)
+        K[:, :, c], V[:, :, c] = k, v              (query head j reads KV head j // groups)
+        h = h + softmax(q K[:, :, :c+1]^T * scale + mask) V[:, :, :c+1] W_o^T
+        g, u = split(RMSNorm_2(h) W_gu^T)
+        h = h + (act(g) * u) W_down^T
+    logits = float32(RMSNorm_f(h) W_lm^T)
+
+It equals the module forward up to float rounding (merging regroups the LoRA sum; fp32 tests agree to
+~1e-6). The model's own RMSNorm, rotary and activation modules are called, so epsilon, rope scaling and
+activation are the model's. ``unsupported`` names what this step cannot run (another architecture,
+sliding-window layers, DoRA or other LoRA variants, sharded or quantised weights); the policy then
+decodes with the decoder's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LAYER_CLASSES = ("Qwen2DecoderLayer",)  # Qwen2-Audio's language model; Omni's thinker uses 3-D mrope
+
+
+def effective_linear(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) that ``module(x)`` applies: an ``nn.Linear``'s own, or a peft LoRA ``Linear``'s base
+    weight plus each active adapter's delta (none when adapters are disabled or already merged)."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    base = module.get_base_layer()
+    weight = base.weight
+    if not (module.disable_adapters or module.merged):
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight, base.bias
+
+
+def _linear_problem(name: str, module: nn.Module) -> str | None:
+    if type(module) is nn.Linear:
+        weight = module.weight
+    elif hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
+        if type(module.get_base_layer()) is not nn.Linear:
+            return f"{name}: LoRA on a {type(module.get_base_layer()).__name__}, not nn.Linear"
+        if getattr(module, "lora_variant", None):
+            return f"{name}: LoRA variant {sorted(module.lora_variant)} (e.g. DoRA)"
+        if any(module.lora_B[a].bias is not None for a in module.active_adapters if a in module.lora_B):
+            return f"{name}: LoRA with a bias"
+        weight = module.get_base_layer().weight
+    else:
+        return f"{name}: {type(module).__name__}"
+    if type(weight) is not nn.Parameter and type(weight) is not Tensor:
+        return f"{name}: weight is a {type(weight).__name__} (sharded or quantised)"
+    return None
+
+
+def unsupported(decoder: nn.Module, lm_head: nn.Module) -> str | None:
+    """Why ``FusedDecodeStep`` cannot run this decoder, or None when it can."""
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(hasattr(decoder, a) for a in ("norm", "rotary_emb", "config")):
+        return f"{type(decoder).__name__} has no layers / norm / rotary_emb"
+    config = decoder.config
+    if getattr(config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in (getattr(config, "layer_types", None) or [])
+    ):
+        return "sliding-window attention layers"
+    for i, layer in enumerate(layers):
+        if type(layer).__name__ not in _LAYER_CLASSES:
+            return f"layer {i} is a {type(layer).__name__}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if problem := _linear_problem(f"layers.{i}.self_attn.{name}", getattr(layer.self_attn, name)):
+                return problem
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if problem := _linear_problem(f"layers.{i}.mlp.{name}", getattr(layer.mlp, name)):
+                return problem
+        if any(effective_linear(getattr(layer.mlp, name))[1] is not None for name in ("gate_proj", "up_proj")):
+            return f"layers.{i}.mlp: gate/up projections with a bias"
+    return _linear_problem("lm_head", lm_head)
+
+
+class FusedDecodeStep:
+    """The decoder + ``lm_head`` as one callable per token, for one rollout (see the module docstring).
+
+    ``past`` holds each layer's (keys, values) of the first C prompt columns, (n, kv_heads, C, head_dim);
+    ``attention`` is the (n, W) 0/1 mask over the columns [prompt ; completion] (left padding 0), W >= C + the
+    number of calls. Call k (k = 0, 1, ...) writes column C + k and attends columns 0 .. C + k.
+    """
+
+    @torch.no_grad()
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, past: list[tuple[Tensor, Tensor]],
+                 attention: Tensor) -> None:
+        if problem := unsupported(decoder, lm_head):
+            raise ValueError(f"FusedDecodeStep cannot run this decoder: {problem}")
+        self.rotary, self.norm = decoder.rotary_emb, decoder.norm
+        attn = decoder.layers[0].self_attn
+        self.head_dim, self.scale, self.groups = attn.head_dim, attn.scaling, attn.num_key_value_groups
+        n, width = attention.shape
+        self.column = past[0][0].shape[2]
+        self.mask = attention.bool()[:, None, None, :]  # (n, 1, 1, width): SDPA's boolean "may attend"
+        self.layers = []
+        for layer, (keys, values) in zip(decoder.layers, past):
+            a, m = layer.self_attn, layer.mlp
+            qkv = [effective_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
+            qkv_bias = None
+            if any(b is not None for _, b in qkv):  # Qwen2: all three; a missing one adds zeros
+                qkv_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in qkv])
+            gate, up = effective_linear(m.gate_proj)[0], effective_linear(m.up_proj)[0]
+            cache_k = keys.new_empty(n, keys.shape[1], width, keys.shape[3])
+            cache_v = torch.empty_like(cache_k)
+            cache_k[:, :, : self.column], cache_v[:, :, : self.column] = keys, values
+            self.layers.append({
+                "norm_1": layer.input_layernorm, "norm_2": layer.post_attention_layernorm, "act": m.act_fn,
+                "qkv": torch.cat([w for w, _ in qkv]), "qkv_bias": qkv_bias, "split": [w.shape[0] for w, _ in qkv],
+                "o": effective_linear(a.o_proj), "gate_up": torch.cat([gate, up]), "intermediate": gate.shape[0],
+                "down": effective_linear(m.down_proj), "k": cache_k, "v": cache_v,
+            })
+        self.lm_head = effective_linear(lm_head)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = self.head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, position: Tensor) -> Tensor:
+        """Logits (n, vocab) in float32 for the next token, given x (n, 1, hidden) at ``position`` (n, 1)."""
+        c = self.column
+        if c >= self.mask.shape[-1]:
+            raise RuntimeError(f"FusedDecodeStep: all {c} cache columns are used")
+        n, d, groups = x.shape[0], self.head_dim, self.groups
+        cos, sin = self.rotary(x, position)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (n, 1, 1, d): broadcast over heads
+        mask = self.mask[..., : c + 1]
+        h = x
+        for w in self.layers:
+            q, k, v = F.linear(w["norm_1"](h), w["qkv"], w["qkv_bias"]).split(w["split"], dim=-1)
+            # One query token: the `groups` query heads sharing a KV head become that head's query rows,
+            # (n, kv_heads, groups, d), so grouped-query attention needs no copy of K and V.
+            q = self._rope(q.view(n, -1, groups, d), cos, sin)
+            w["k"][:, :, c : c + 1] = self._rope(k.view(n, -1, 1, d), cos, sin)
+            w["v"][:, :, c : c + 1] = v.view(n, -1, 1, d)
+            out = F.scaled_dot_product_attention(q, w["k"][:, :, : c + 1], w["v"][:, :, : c + 1], attn_mask=mask,
+                                                 scale=self.scale)
+            h = h + F.linear(out.reshape(n, 1, -1), *w["o"])
+            gate, up = F.linear(w["norm_2"](h), w["gate_up"]).split(w["intermediate"], dim=-1)
+            h = h + F.linear(w["act"](gate) * up, *w["down"])
+        self.column = c + 1
+        return F.linear(self.norm(h)[:, -1], *self.lm_head).float()

@@ -1,0 +1,127 @@
+"""FusedDecodeStep against the model's own forward (the oracle): logits per step, with LoRA on and off,
+uneven left padding, grouped-query attention (the tiny model: 4 heads, 2 KV heads); and the cases it must
+refuse, which make the policy decode with the decoder's forward instead."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from emorl_pl.modules.fused_decode import FusedDecodeStep, effective_linear, unsupported
+from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+from emorl_pl.modules.tiny import build_tiny_qwen2_audio
+
+SR = 16000
+INSTRUCTION = "What is the emotion of the speaker?"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    policy = AudioLMPolicy(str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "model")),
+                           lora=LoraSettings(r=4, alpha=8)).load()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:  # B = 0 at init would make "merged" trivially equal to the base
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    policy.hf_model.eval()
+    return policy
+
+
+def _prompt_embeds(policy):
+    g = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(n, generator=g) for n in (8000, 24000, 40000)]
+    prompts = policy.build_prompts(waves, SR, INSTRUCTION, texts=[None, "let me go", None])
+    assert len(set((prompts.attention_mask == 0).sum(-1).tolist())) > 1  # uneven left padding
+    return policy.encode_prompts(prompts)
+
+
+def _decode_both(policy, group_size=2, steps=6, seed=0):
+    """Feed the same random tokens through the module forward and FusedDecodeStep; per-step logits of each."""
+    hf = policy.hf_model
+    decoder, embed = policy._decoder(hf), policy._embed(hf)
+    pe = _prompt_embeds(policy)
+    mask = pe.attention_mask.repeat_interleave(group_size, 0)
+    n, p = mask.shape
+    attention = torch.cat([mask, mask.new_ones(n, steps)], 1)
+    position = mask.long().sum(-1, keepdim=True) - 1
+    tokens = torch.randint(0, 200, (n, steps), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        cache = policy._shared_prefill(pe, group_size)
+        fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys.clone(), c.values.clone()) for c in cache.layers],
+                                attention)
+        x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
+        expected, got = [], []
+        for t in range(steps):
+            hidden = decoder(inputs_embeds=x, attention_mask=attention[:, : p + t], position_ids=position + t,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+            expected.append(hf.lm_head(hidden[:, -1]).float())
+            got.append(fused(x, position + t))
+            x = embed(tokens[:, t]).unsqueeze(1)
+    return torch.stack(expected, 1), torch.stack(got, 1)
+
+
+def test_fused_step_equals_module_forward_with_lora(policy):
+    expected, got = _decode_both(policy)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    # the adapters matter here, so equality above is not the base model's by accident
+    with policy.reference():
+        base, base_fused = _decode_both(policy)
+    assert (base - expected).abs().max() > 1e-2
+    torch.testing.assert_close(base_fused, base, atol=2e-5, rtol=1e-5)  # adapters off: base weights only
+
+
+def test_effective_linear_is_what_the_module_applies(policy):
+    q = policy._decoder(policy.hf_model).layers[1].self_attn.q_proj
+    x = torch.randn(5, q.in_features)
+    weight, bias = effective_linear(q)
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear(x, weight, bias), q(x), atol=1e-5, rtol=1e-5)
+        base = q.get_base_layer()
+        delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]  # W + s B A
+        torch.testing.assert_close(weight, base.weight + delta)
+
+
+def test_fused_step_refuses_past_its_cache(policy):
+    hf = policy.hf_model
+    decoder = policy._decoder(hf)
+    kv = decoder.config.num_key_value_heads
+    past = [(torch.zeros(1, kv, 2, decoder.layers[0].self_attn.head_dim),) * 2 for _ in decoder.layers]
+    step = FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 3))
+    x, pos = torch.zeros(1, 1, decoder.config.hidden_size), torch.tensor([[2]])
+    step(x, pos)
+    with pytest.raises(RuntimeError, match="all 3 cache columns"):
+        step(x, pos + 1)
+
+
+def _tiny_lm(**overrides):
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, **overrides)
+    return Qwen2ForCausalLM(config)
+
+
+def test_unsupported_names_the_reason():
+    lm = _tiny_lm()
+    assert unsupported(lm.model, lm.lm_head) is None
+    lm = _tiny_lm(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert "sliding" in unsupported(lm.model, lm.lm_head)
+    dora = get_peft_model(_tiny_lm(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    inner = dora.base_model.model
+    assert "variant" in unsupported(inner.model, inner.lm_head) and "q_proj" in unsupported(inner.model, inner.lm_head)
+    with pytest.raises(ValueError, match="cannot run this decoder: .*variant"):
+        FusedDecodeStep(inner.model, inner.lm_head, [], torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rollout_uses_fusion_only_when_allowed(policy, fused, monkeypatch):
+    calls = []
+    original = FusedDecodeStep.__call__
+    monkeypatch.setattr(FusedDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    policy.fused_decode = fused
+    try:
+        rollout = policy.rollout(_prompt_embeds(policy), 2, do_sample=False, max_new_tokens=4)
+    finally:
+        policy.fused_decode = True
+    assert len(calls) == (rollout.completion_ids.shape[1] if fused else 0)
