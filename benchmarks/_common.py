@@ -138,6 +138,7 @@ class PeakMemory:
         self.interval = interval
         self.proc = psutil.Process()
         self._peak = 0
+        self.high = 0  # the highest level any span reached (bytes), for a footprint over many spans
         self._running = False
         self._thread: threading.Thread | None = None
 
@@ -145,6 +146,10 @@ class PeakMemory:
         while self._running:
             self._peak = max(self._peak, self.proc.memory_info().rss)
             time.sleep(self.interval)
+
+    def level(self) -> int:
+        """Bytes in use now: CUDA allocated, else the process RSS."""
+        return torch.cuda.memory_allocated() if torch.cuda.is_available() else self.proc.memory_info().rss
 
     @contextlib.contextmanager
     def measure(self, out: list[float]) -> Iterator[None]:
@@ -157,6 +162,7 @@ class PeakMemory:
                 yield
             finally:
                 sync()
+                self.high = max(self.high, torch.cuda.max_memory_allocated())
                 out.append((torch.cuda.max_memory_allocated() - start) / 2**20)
             return
         start = self.proc.memory_info().rss
@@ -170,6 +176,7 @@ class PeakMemory:
             self._running = False
             self._thread.join()
             self._peak = max(self._peak, self.proc.memory_info().rss)
+            self.high = max(self.high, self._peak)
             out.append((self._peak - start) / 2**20)
 
 

@@ -15,10 +15,12 @@ The two trainers run alternately, one step each, each in its own process: each r
 condition) passes at step boundaries, so drift in the machine's speed hits both alike. Not threads of one
 process: on CPU, torch ops issued from a non-main thread run several times slower for small tensors (the
 OpenMP pool's wake-up; measured 2x on this step, 8x on a 24x64 matmul), which would time the harness, not
-the trainers. Peak memory is per step above its start, in the trainer's own process (CUDA: max allocated;
-CPU: sampled RSS, see ``_common.PeakMemory``). After each of our steps the floor
-(``_common.floor_seconds``) is measured alone, inside our turn. Printed: medians, ratios ours/TRL with
-min-max and IQR over repetitions, step/floor.
+the trainers. Memory, in each trainer's own process (CUDA: allocated; CPU: sampled RSS, see
+``_common.PeakMemory``): "peak" is per step above that step's start (allocator caching makes it read low
+on CPU once buffers are reused), "footprint" the highest level over all steps above the level before the
+first step (what training adds to the loaded model: optimizer state, caches, activations). After both
+loops end, the floor (``_common.floor_seconds``) is measured alone as many times as there were steps.
+Printed: medians, ratios ours/TRL with min-max and IQR over repetitions, step/floor.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class Side:
         self.holding = False
 
     def begin(self) -> None:
+        if not self.times and not hasattr(self, "base"):
+            self.base = self.memory.level()  # after loading, before the first step: what training adds
         # A turn runs from one step's begin to the next: what a loop does between steps (TRL's data
         # loader turns the audio arrays into Python lists there) must not overlap the other's timed step.
         if self.holding:
@@ -122,7 +126,7 @@ class Side:
         sync()
         self._start = time.perf_counter()
 
-    def end(self, after=None) -> None:
+    def end(self) -> None:
         sync()
         self.times.append(time.perf_counter() - self._start)
         self._mem.__exit__(None, None, None)
@@ -130,8 +134,6 @@ class Side:
         self.calls.append(calls - self._counts[0])
         self.rows.append(rows - self._counts[1])
         self.tokens.append(self.last_tokens)
-        if after is not None:
-            after()  # e.g. the floor: outside the step's span, still inside this side's turn
         if len(self.times) >= self.steps:
             self.baton.release(self.name, finished=True)
             self.holding = False
@@ -139,7 +141,7 @@ class Side:
 
     def record(self) -> dict:
         return {"times": self.times, "peaks": self.peaks, "tokens": self.tokens, "calls": self.calls,
-                "rows": self.rows}
+                "rows": self.rows, "footprint": (self.memory.high - self.base) / 2**20}
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -266,14 +268,14 @@ def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction
 
 # ------------------------------------------------------------------------------------------------ ours
 class OursTiming(L.Callback):
-    def __init__(self, side: Side, after) -> None:
-        self.side, self.after = side, after
+    def __init__(self, side: Side) -> None:
+        self.side = side
 
     def on_train_batch_start(self, *a) -> None:
         self.side.begin()
 
     def on_train_batch_end(self, *a) -> None:
-        self.side.end(self.after)
+        self.side.end()
 
 
 def _run_ours(args, model_dir: str, baton: Baton) -> dict:
@@ -290,16 +292,14 @@ def _run_ours(args, model_dir: str, baton: Baton) -> dict:
         return out
 
     policy.rollout = counting_rollout
-    floors: list[dict[str, float]] = []
-
-    def measure_floor():
-        floors.append(floor_seconds(policy, batch, module.instruction, args.group_size, args.max_new_tokens,
-                                    args.beta, args.temperature))
-
     trainer = L.Trainer(max_steps=ours.steps, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[OursTiming(ours, measure_floor)])
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[OursTiming(ours)])
     trainer.fit(module, torch.utils.data.DataLoader([batch] * ours.steps, batch_size=None))
+    # The floor once per step, after both loops have finished their steps (so its allocations do not
+    # count in our footprint, and nothing else runs).
+    floors = [floor_seconds(policy, batch, module.instruction, args.group_size, args.max_new_tokens, args.beta,
+                            args.temperature) for _ in range(ours.steps)]
     return {**ours.record(), "floors": floors, "device": str(trainer.strategy.root_device)}
 
 
@@ -378,12 +378,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         q = quantiles(times)
         tokens = quantiles(side["tokens"][w:])["median"]
         return [name, 1e3 * q["median"], 1e3 * q["min"], 1e3 * q["max"], tokens / q["median"],
-                quantiles(side["peaks"][w:])["median"], quantiles(side["calls"][w:])["median"],
+                quantiles(side["peaks"][w:])["median"], side["footprint"], quantiles(side["calls"][w:])["median"],
                 quantiles(side["rows"][w:])["median"], q["median"] / quantiles(f)["median"]]
 
     print_table("per step (medians over reps)",
-                ["trainer", "ms", "min ms", "max ms", "tokens/s", "peak MiB", "audio calls", "audio rows",
-                 "step/floor"], [row("ours", ours, o), row("trl", theirs, t)])
+                ["trainer", "ms", "min ms", "max ms", "tokens/s", "peak MiB", "footprint MiB", "audio calls",
+                 "audio rows", "step/floor"], [row("ours", ours, o), row("trl", theirs, t)])
     print_table("floor (each piece alone, same run)", ["piece", "ms"],
                 [[k, 1e3 * quantiles([x[k] for x in floors])["median"]] for k in floors[0]])
     summary = {
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "trl_over_floor": quantiles([a / b for a, b in zip(t, f)])["median"],
         "peak_mem_ours_over_trl": (quantiles(ours["peaks"][w:])["median"]
                                    / max(quantiles(theirs["peaks"][w:])["median"], 1e-9)),
+        "footprint_ours_over_trl": ours["footprint"] / max(theirs["footprint"], 1e-9),
     }
     print_table("ratios (same run)", ["metric", "value"], [[k, v] for k, v in summary.items()])
     return summary

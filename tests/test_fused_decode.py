@@ -37,7 +37,7 @@ def _prompt_embeds(policy):
     return policy.encode_prompts(prompts)
 
 
-def _decode_both(policy, group_size=2, steps=6, seed=0):
+def _decode_both(policy, merge=False, group_size=2, steps=6, seed=0):
     """Feed the same random tokens through the module forward and FusedDecodeStep; per-step logits of each."""
     hf = policy.hf_model
     decoder, embed = policy._decoder(hf), policy._embed(hf)
@@ -50,7 +50,7 @@ def _decode_both(policy, group_size=2, steps=6, seed=0):
     with torch.no_grad():
         cache = policy._shared_prefill(pe, group_size)
         fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys.clone(), c.values.clone()) for c in cache.layers],
-                                attention)
+                                attention, merge=merge)
         x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
         expected, got = [], []
         for t in range(steps):
@@ -62,15 +62,35 @@ def _decode_both(policy, group_size=2, steps=6, seed=0):
     return torch.stack(expected, 1), torch.stack(got, 1)
 
 
-def test_fused_step_equals_module_forward_with_lora(policy):
-    expected, got = _decode_both(policy)
+@pytest.mark.parametrize("merge", [False, True])
+def test_fused_step_equals_module_forward_with_lora(policy, merge):
+    expected, got = _decode_both(policy, merge)
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     # the adapters matter here, so equality above is not the base model's by accident
     with policy.reference():
-        base, base_fused = _decode_both(policy)
+        base, base_fused = _decode_both(policy, merge)
     assert (base - expected).abs().max() > 1e-2
     torch.testing.assert_close(base_fused, base, atol=2e-5, rtol=1e-5)  # adapters off: base weights only
+
+
+def test_adapter_mode_copies_no_weight_and_merged_mode_does(policy):
+    hf = policy.hf_model
+    decoder = policy._decoder(hf)
+    kv, d = decoder.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim
+    past = [(torch.zeros(1, kv, 1, d),) * 2 for _ in decoder.layers]
+    own = {p.data_ptr() for p in decoder.parameters()} | {hf.lm_head.weight.data_ptr()}
+
+    def weights(step):
+        return [w for layer in step.layers for key in ("qkv", "gate_up", "o", "down")
+                for proj in (layer[key] if isinstance(layer[key], list) else [layer[key]])
+                for w in [proj[0], *(t for a, b, _ in proj[2] for t in (a, b))]]
+
+    adapters = FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 2))
+    assert len(weights(adapters)) == 2 * 7 * 3  # 7 projections per layer, each W + LoRA A, B
+    assert all(w.data_ptr() in own for w in weights(adapters))
+    merged = FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 2), merge=True)
+    assert len(weights(merged)) == 2 * 4 and not any(w.data_ptr() in own for w in weights(merged))
 
 
 def test_effective_linear_is_what_the_module_applies(policy):
@@ -114,14 +134,19 @@ def test_unsupported_names_the_reason():
         FusedDecodeStep(inner.model, inner.lm_head, [], torch.ones(1, 2))
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_rollout_uses_fusion_only_when_allowed(policy, fused, monkeypatch):
+@pytest.mark.parametrize("mode", ["adapters", "merged", "off"])
+def test_rollout_uses_fusion_only_when_allowed(policy, mode, monkeypatch):
     calls = []
     original = FusedDecodeStep.__call__
     monkeypatch.setattr(FusedDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-    policy.fused_decode = fused
+    policy.fused_decode = mode
     try:
         rollout = policy.rollout(_prompt_embeds(policy), 2, do_sample=False, max_new_tokens=4)
     finally:
-        policy.fused_decode = True
-    assert len(calls) == (rollout.completion_ids.shape[1] if fused else 0)
+        policy.fused_decode = "adapters"
+    assert len(calls) == (0 if mode == "off" else rollout.completion_ids.shape[1])
+
+
+def test_policy_rejects_an_unknown_mode(tmp_path):
+    with pytest.raises(ValueError, match="fused_decode must be one of .*'merge'"):
+        AudioLMPolicy(str(tmp_path), fused_decode="merge")

@@ -309,7 +309,7 @@ def _decoder_calls(policy):
     return calls, hook
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", ["adapters", "merged", "off"])
 @pytest.mark.parametrize("group_size", [1, G])
 def test_lean_decode_greedy_equals_generate(lora_policy, group_size, fused):
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
@@ -323,14 +323,14 @@ def test_lean_decode_greedy_equals_generate(lora_policy, group_size, fused):
             out[lean] = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
     finally:
         del lora_policy._lean_decode
-        lora_policy.fused_decode = True
+        lora_policy.fused_decode = "adapters"
     assert torch.equal(out[True].completion_ids, out[False].completion_ids)
     assert torch.equal(out[True].completion_mask, out[False].completion_mask)
     assert out[True].texts == out[False].texts
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p", "fused"), [(1.0, 0, 1.0, True), (0.7, 5, 1.0, True),
-                                                                       (1.3, 0, 0.3, False), (0.8, 40, 0.5, True)])
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "fused"), [(1.0, 0, 1.0, "adapters"), (0.7, 5, 1.0, "merged"),
+                                                                       (1.3, 0, 0.3, "off"), (0.8, 40, 0.5, "adapters")])
 def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, temperature, top_k, top_p, fused):
     from transformers.generation.logits_process import (
         SuppressTokensLogitsProcessor,
@@ -383,7 +383,7 @@ def test_sample_categorical_draws_each_index_at_its_probability():
         assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all(), (row, freq, expected)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", ["adapters", "off"])
 def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(tiny_dir, fused):
     policy = AudioLMPolicy(tiny_dir, fused_decode=fused).load()
     eos, pad = policy.eos_token_ids, policy.pad_token_id

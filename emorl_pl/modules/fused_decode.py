@@ -1,28 +1,31 @@
-"""One decode step of a Qwen2-family language model on a static KV cache, LoRA merged (rollouts only).
+"""One decode step of a Qwen2-family language model on a static KV cache (rollouts only).
 
 Per generated token and layer, the Hugging Face forward pays for mask building, cache bookkeeping, output
-containers and, under peft, four linears per LoRA projection (base, A, B, scale). During a rollout the
-weights do not change, so ``FusedDecodeStep`` takes the effective weights once per rollout,
-
-    W_eff = W + sum_a s_a B_a A_a                    (each active LoRA adapter a, as peft merges it)
-    W_qkv = [W_q ; W_k ; W_v],  W_gu = [W_gate ; W_up]  (one matmul each instead of three / two)
-
-and runs, for the token x at position pos written to cache column c,
+containers, module calls and peft's wrapper around every LoRA projection. ``FusedDecodeStep`` runs the same
+math as plain tensor ops on a preallocated cache, for the token x at position pos written to column c:
 
     h = x
     for each layer:
-        q, k, v = split(RMSNorm_1(h) W_qkv^T + b_qkv);   q, k = rope(q, pos), rope(k, pos)
+        q, k, v = P_q(a), P_k(a), P_v(a)  with a = RMSNorm_1(h);   q, k = rope(q, pos), rope(k, pos)
         K[:, :, c], V[:, :, c] = k, v              (query head j reads KV head j // groups)
-        h = h + softmax(q K[:, :, :c+1]^T * scale + mask) V[:, :, :c+1] W_o^T
-        g, u = split(RMSNorm_2(h) W_gu^T)
-        h = h + (act(g) * u) W_down^T
-    logits = float32(RMSNorm_f(h) W_lm^T)
+        h = h + P_o(softmax(q K[:, :, :c+1]^T * scale + mask) V[:, :, :c+1])
+        h = h + P_down(act(P_gate(b)) * P_up(b))   with b = RMSNorm_2(h)
+    logits = float32(P_lm(RMSNorm_f(h)))
 
-It equals the module forward up to float rounding (merging regroups the LoRA sum; fp32 tests agree to
-~1e-6). The model's own RMSNorm, rotary and activation modules are called, so epsilon, rope scaling and
-activation are the model's. ``unsupported`` names what this step cannot run (another architecture,
-sliding-window layers, DoRA or other LoRA variants, sharded or quantised weights); the policy then
-decodes with the decoder's own forward.
+Two ways to apply a projection P(x) = x W^T + bias + sum_a s_a (x A_a^T) B_a^T (a: active LoRA adapters):
+
+- ``merge=False`` ("adapters", the policy's default): the module's own weights and adapters, in peft's
+  order of operations. No weight is copied; the logits are the module forward's up to SDPA / kernel
+  choice (fp32 tests agree to ~1e-6).
+- ``merge=True`` ("merged"): W_eff = W + sum_a s_a B_a A_a once per rollout, with q|k|v and gate|up
+  concatenated: one matmul per group instead of up to 3 x 4. Fastest, but holds a copy of every projection
+  weight of the language model for the rollout (~13 GB in bf16 for Qwen2-Audio-7B's), and merging
+  rounds differently from the module forward (fp32: ~1e-6; bf16: the merged weight is rounded once).
+
+The model's own RMSNorm, rotary and activation modules are called, so epsilon, rope scaling and activation
+are the model's. ``unsupported`` names what this step cannot run (another architecture, sliding-window
+layers, DoRA or other LoRA variants, sharded or quantised weights); the policy then decodes with the
+decoder's own forward.
 """
 
 from __future__ import annotations
@@ -46,6 +49,30 @@ def effective_linear(module: nn.Module) -> tuple[Tensor, Tensor | None]:
             if name in module.lora_A:
                 weight = weight + module.get_delta_weight(name).to(weight.dtype)
     return weight, base.bias
+
+
+Projection = tuple[Tensor, "Tensor | None", list[tuple[Tensor, Tensor, float]]]  # W, bias, [(A, B, s)]
+
+
+def projection(module: nn.Module) -> Projection:
+    """(W, bias, adapters) of an ``nn.Linear`` or a peft LoRA ``Linear``, no copies: ``apply`` computes
+    x W^T + bias + sum s (x A^T) B^T as peft's forward does (no adapters when disabled or merged)."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias, []
+    base = module.get_base_layer()
+    adapters = []
+    if not (module.disable_adapters or module.merged):
+        adapters = [(module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a])
+                    for a in module.active_adapters if a in module.lora_A]
+    return base.weight, base.bias, adapters
+
+
+def apply(x: Tensor, proj: Projection) -> Tensor:
+    weight, bias, adapters = proj
+    y = F.linear(x, weight, bias)
+    for a, b, scale in adapters:
+        y = y + F.linear(F.linear(x, a), b) * scale
+    return y
 
 
 def _linear_problem(name: str, module: nn.Module) -> str | None:
@@ -91,7 +118,8 @@ def unsupported(decoder: nn.Module, lm_head: nn.Module) -> str | None:
 
 
 class FusedDecodeStep:
-    """The decoder + ``lm_head`` as one callable per token, for one rollout (see the module docstring).
+    """The decoder + ``lm_head`` as one callable per token, for one rollout (see the module docstring;
+    ``merge`` picks how projections are applied).
 
     ``past`` holds each layer's (keys, values) of the first C prompt columns, (n, kv_heads, C, head_dim);
     ``attention`` is the (n, W) 0/1 mask over the columns [prompt ; completion] (left padding 0), W >= C + the
@@ -100,7 +128,7 @@ class FusedDecodeStep:
 
     @torch.no_grad()
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, past: list[tuple[Tensor, Tensor]],
-                 attention: Tensor) -> None:
+                 attention: Tensor, merge: bool = False) -> None:
         if problem := unsupported(decoder, lm_head):
             raise ValueError(f"FusedDecodeStep cannot run this decoder: {problem}")
         self.rotary, self.norm = decoder.rotary_emb, decoder.norm
@@ -112,21 +140,35 @@ class FusedDecodeStep:
         self.layers = []
         for layer, (keys, values) in zip(decoder.layers, past):
             a, m = layer.self_attn, layer.mlp
-            qkv = [effective_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
-            qkv_bias = None
-            if any(b is not None for _, b in qkv):  # Qwen2: all three; a missing one adds zeros
-                qkv_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in qkv])
-            gate, up = effective_linear(m.gate_proj)[0], effective_linear(m.up_proj)[0]
             cache_k = keys.new_empty(n, keys.shape[1], width, keys.shape[3])
             cache_v = torch.empty_like(cache_k)
             cache_k[:, :, : self.column], cache_v[:, :, : self.column] = keys, values
+            if merge:
+                qkv = [effective_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
+                qkv_bias = None
+                if any(b is not None for _, b in qkv):  # Qwen2: all three; a missing one adds zeros
+                    qkv_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in qkv])
+                gate, up = effective_linear(m.gate_proj)[0], effective_linear(m.up_proj)[0]
+                attention_in = [(torch.cat([w for w, _ in qkv]), qkv_bias, [])]
+                mlp_in = [(torch.cat([gate, up]), None, [])]
+                o, down = (*effective_linear(a.o_proj), []), (*effective_linear(m.down_proj), [])
+            else:
+                attention_in = [projection(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
+                mlp_in = [projection(m.gate_proj), projection(m.up_proj)]
+                o, down = projection(a.o_proj), projection(m.down_proj)
             self.layers.append({
                 "norm_1": layer.input_layernorm, "norm_2": layer.post_attention_layernorm, "act": m.act_fn,
-                "qkv": torch.cat([w for w, _ in qkv]), "qkv_bias": qkv_bias, "split": [w.shape[0] for w, _ in qkv],
-                "o": effective_linear(a.o_proj), "gate_up": torch.cat([gate, up]), "intermediate": gate.shape[0],
-                "down": effective_linear(m.down_proj), "k": cache_k, "v": cache_v,
+                "qkv": attention_in, "split": [p.out_features for p in (a.q_proj, a.k_proj, a.v_proj)],
+                "o": o, "gate_up": mlp_in, "intermediate": m.gate_proj.out_features, "down": down,
+                "k": cache_k, "v": cache_v,
             })
-        self.lm_head = effective_linear(lm_head)
+        self.lm_head = (*effective_linear(lm_head), []) if merge else projection(lm_head)
+
+    @staticmethod
+    def _project(x: Tensor, projections: list[Projection], split: list[int] | int) -> tuple[Tensor, ...]:
+        if len(projections) == 1:  # merged: one matmul, then split
+            return apply(x, projections[0]).split(split, dim=-1)
+        return tuple(apply(x, p) for p in projections)
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         half = self.head_dim // 2
@@ -144,7 +186,7 @@ class FusedDecodeStep:
         mask = self.mask[..., : c + 1]
         h = x
         for w in self.layers:
-            q, k, v = F.linear(w["norm_1"](h), w["qkv"], w["qkv_bias"]).split(w["split"], dim=-1)
+            q, k, v = self._project(w["norm_1"](h), w["qkv"], w["split"])
             # One query token: the `groups` query heads sharing a KV head become that head's query rows,
             # (n, kv_heads, groups, d), so grouped-query attention needs no copy of K and V.
             q = self._rope(q.view(n, -1, groups, d), cos, sin)
@@ -152,8 +194,8 @@ class FusedDecodeStep:
             w["v"][:, :, c : c + 1] = v.view(n, -1, 1, d)
             out = F.scaled_dot_product_attention(q, w["k"][:, :, : c + 1], w["v"][:, :, : c + 1], attn_mask=mask,
                                                  scale=self.scale)
-            h = h + F.linear(out.reshape(n, 1, -1), *w["o"])
-            gate, up = F.linear(w["norm_2"](h), w["gate_up"]).split(w["intermediate"], dim=-1)
-            h = h + F.linear(w["act"](gate) * up, *w["down"])
+            h = h + apply(out.reshape(n, 1, -1), w["o"])
+            gate, up = self._project(w["norm_2"](h), w["gate_up"], w["intermediate"])
+            h = h + apply(w["act"](gate) * up, w["down"])
         self.column = c + 1
-        return F.linear(self.norm(h)[:, -1], *self.lm_head).float()
+        return apply(self.norm(h)[:, -1], self.lm_head).float()

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ MODEL_CLASSES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
+FUSED_DECODE_MODES = ("adapters", "merged", "off")
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -131,6 +133,12 @@ class AudioLMPolicy(nn.Module):
     Call ``load()`` (the Lightning module does it in ``configure_model``); other methods load lazily.
     Reference policy: with LoRA, the adapters disabled; with full fine-tuning, a frozen deep copy that is
     neither a registered submodule (not in ``state_dict``/``parameters``) nor trained.
+
+    ``fused_decode``: how rollouts run the language model per token (``fused_decode.py``). "adapters"
+    (default): a fused step on the module's own weights, LoRA applied as peft does, no copies; "merged":
+    LoRA merged and q|k|v, gate|up concatenated once per rollout (fastest; a copy of the LM's projection
+    weights while sampling); "off": the decoder's own forward. Architectures the fused step does not
+    cover, and sharded models, always use the decoder's forward.
     """
 
     def __init__(
@@ -144,7 +152,7 @@ class AudioLMPolicy(nn.Module):
         freeze_audio_tower: bool = True,
         system_prompt: str | None = None,
         build_tiny_if_missing: bool = False,
-        fused_decode: bool = True,
+        fused_decode: Literal["adapters", "merged", "off"] = "adapters",
     ) -> None:
         super().__init__()
         if not build_tiny_if_missing and not Path(model_dir).is_dir():
@@ -156,6 +164,8 @@ class AudioLMPolicy(nn.Module):
         self.build_tiny_if_missing = build_tiny_if_missing
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if fused_decode not in FUSED_DECODE_MODES:
+            raise ValueError(f"fused_decode must be one of {list(FUSED_DECODE_MODES)}, got {fused_decode!r}")
         self.model_dir = model_dir
         self.model_class = model_class
         self.dtype_name = dtype
@@ -598,7 +608,8 @@ class AudioLMPolicy(nn.Module):
         attention = torch.cat([prompt_mask, prompt_mask.new_ones(n, max_new_tokens)], dim=1)
         fused = None
         if self._can_fuse(decoder, lm_head):
-            fused = FusedDecodeStep(decoder, lm_head, [(c.keys, c.values) for c in cache.layers], attention)
+            fused = FusedDecodeStep(decoder, lm_head, [(c.keys, c.values) for c in cache.layers], attention,
+                                    merge=self.fused_decode == "merged")
             del cache
         position = prompt_mask.long().sum(-1, keepdim=True) - 1  # of the last prompt token (left padding)
         x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
@@ -638,8 +649,8 @@ class AudioLMPolicy(nn.Module):
         return ids[:, : int(lengths.max())]
 
     def _can_fuse(self, decoder: nn.Module, lm_head: nn.Module) -> bool:
-        """Whether ``_decode`` may run ``FusedDecodeStep`` (Qwen2 layers, unsharded, plain LoRA or none)."""
-        if not self.fused_decode or self.is_sharded:
+        """Whether ``_decode`` may run ``FusedDecodeStep``: not "off", unsharded, Qwen2 layers, plain LoRA or none."""
+        if self.fused_decode == "off" or self.is_sharded:
             return False
         problem = unsupported_for_fusion(decoder, lm_head)
         if problem is not None and problem != self._fusion_refused:
