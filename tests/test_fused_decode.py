@@ -37,11 +37,11 @@ def _prompt_embeds(policy):
     return policy.encode_prompts(prompts)
 
 
-def _decode_both(policy, merge=False, group_size=2, steps=6, seed=0):
+def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
     """Feed the same random tokens through the module forward and FusedDecodeStep; per-step logits of each."""
     hf = policy.hf_model
     decoder, embed = policy._decoder(hf), policy._embed(hf)
-    pe = _prompt_embeds(policy)
+    pe = pe if pe is not None else _prompt_embeds(policy)
     mask = pe.attention_mask.repeat_interleave(group_size, 0)
     n, p = mask.shape
     attention = torch.cat([mask, mask.new_ones(n, steps)], 1)
@@ -72,6 +72,27 @@ def test_fused_step_equals_module_forward_with_lora(policy, merge):
         base, base_fused = _decode_both(policy, merge)
     assert (base - expected).abs().max() > 1e-2
     torch.testing.assert_close(base_fused, base, atol=2e-5, rtol=1e-5)  # adapters off: base weights only
+
+
+def test_fused_step_in_bf16_and_under_autocast(policy, tmp_path):
+    # bf16 weights with fp32 adapters (peft's default), then fp32 weights under bf16 autocast (Lightning's
+    # bf16-mixed): the adapter mode computes what peft computes, in the same dtypes
+    bf16 = AudioLMPolicy(policy.model_dir, dtype="bfloat16", lora=LoraSettings(r=4, alpha=8)).load()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in bf16.named_parameters():
+            if "lora_" in name:
+                assert p.dtype == torch.float32
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    bf16.hf_model.eval()
+    expected, got = _decode_both(bf16)
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)  # ~1 bf16 ulp of logits of size ~0.7
+    expected_m, got_m = _decode_both(bf16, merge=True)
+    torch.testing.assert_close(got_m, expected_m, atol=0.03, rtol=0)  # merged weights are rounded to bf16
+    pe = _prompt_embeds(policy)  # outside autocast: the feature extractor must stay in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = _decode_both(policy, pe=pe)
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)
 
 
 def test_adapter_mode_copies_no_weight_and_merged_mode_does(policy):

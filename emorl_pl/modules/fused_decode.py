@@ -70,8 +70,11 @@ def projection(module: nn.Module) -> Projection:
 def apply(x: Tensor, proj: Projection) -> Tensor:
     weight, bias, adapters = proj
     y = F.linear(x, weight, bias)
-    for a, b, scale in adapters:
-        y = y + F.linear(F.linear(x, a), b) * scale
+    if adapters:  # as peft: the input in the adapters' dtype (fp32 next to a bf16 base), result cast back
+        dtype = y.dtype
+        for a, b, scale in adapters:
+            y = y + F.linear(F.linear(x.to(a.dtype), a), b) * scale
+        y = y.to(dtype)
     return y
 
 
