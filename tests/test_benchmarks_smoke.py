@@ -33,3 +33,12 @@ def test_vs_trl_quick(bench_path, capsys):
     out = capsys.readouterr().out
     assert "ours_over_trl" in out and "step/floor" in out
     assert all(math.isfinite(v) and v > 0 for v in summary.values())
+
+
+def test_rollout_quick(bench_path, capsys):
+    summary = importlib.import_module("rollout").main(
+        ["--batch-size", "2", "--group-size", "2", "--max-new-tokens", "4", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert all(path in out for path in ("generate", "off", "adapters", "merged"))
+    assert summary["generate_over_generate"] == 1.0
+    assert all(math.isfinite(v) and v > 0 for v in summary.values())
