@@ -367,6 +367,16 @@ def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, 
     assert (seen[0][:, policy.audio_token_ids] == 0).all()
 
 
+def test_build_prompts_under_bf16_autocast(tiny_dir):
+    # Lightning's bf16-mixed on CPU runs the training step under this autocast; the processor must not
+    policy = AudioLMPolicy(tiny_dir).load()
+    plain = policy.build_prompts(_waves(), SR, INSTRUCTION)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prompts = policy.build_prompts(_waves(), SR, INSTRUCTION)
+    assert prompts.input_features.dtype == torch.float32
+    assert torch.equal(prompts.input_features, plain.input_features)
+
+
 def test_sample_categorical_draws_each_index_at_its_probability():
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0],
                           [0.0, 0.0, 0.0, 0.0, 2.0],  # unnormalised: only ratios matter

@@ -458,9 +458,12 @@ class AudioLMPolicy(nn.Module):
             prompts.append(
                 self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
             )
-        out = self.processor(
-            text=prompts, audio=audio, sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt"
-        )
+        # The feature extractor computes in torch and converts to numpy, which has no bfloat16: keep it out
+        # of a surrounding autocast (Lightning's bf16-mixed on CPU wraps the training step in one).
+        with torch.autocast("cpu", enabled=False):
+            out = self.processor(
+                text=prompts, audio=audio, sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt"
+            )
         device = next(self._hf.parameters()).device
         return Prompts(
             input_ids=out["input_ids"],
