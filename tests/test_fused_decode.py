@@ -48,9 +48,10 @@ def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
     position = mask.long().sum(-1, keepdim=True) - 1
     tokens = torch.randint(0, 200, (n, steps), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        cache = policy._shared_prefill(pe, group_size)
-        fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys.clone(), c.values.clone()) for c in cache.layers],
-                                attention, merge=merge)
+        shared = policy._shared_prefill(pe, 1)  # B rows: the fused step repeats each G times itself
+        fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,
+                                merge=merge, repeat=group_size)
+        cache = policy._shared_prefill(pe, group_size)  # B*G rows, for the module forward
         x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
         expected, got = [], []
         for t in range(steps):

@@ -124,14 +124,16 @@ class FusedDecodeStep:
     """The decoder + ``lm_head`` as one callable per token, for one rollout (see the module docstring;
     ``merge`` picks how projections are applied).
 
-    ``past`` holds each layer's (keys, values) of the first C prompt columns, (n, kv_heads, C, head_dim);
+    ``past`` holds each layer's (keys, values) of the first C prompt columns, (n / repeat, kv_heads, C,
+    head_dim): with ``repeat`` = G, row b is the shared prompt of rows b*G .. b*G+G-1, copied straight into
+    the cache (no G-times repeated intermediate);
     ``attention`` is the (n, W) 0/1 mask over the columns [prompt ; completion] (left padding 0), W >= C + the
     number of calls. Call k (k = 0, 1, ...) writes column C + k and attends columns 0 .. C + k.
     """
 
     @torch.no_grad()
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, past: list[tuple[Tensor, Tensor]],
-                 attention: Tensor, merge: bool = False) -> None:
+                 attention: Tensor, merge: bool = False, repeat: int = 1) -> None:
         if problem := unsupported(decoder, lm_head):
             raise ValueError(f"FusedDecodeStep cannot run this decoder: {problem}")
         self.rotary, self.norm = decoder.rotary_emb, decoder.norm
@@ -143,9 +145,13 @@ class FusedDecodeStep:
         self.layers = []
         for layer, (keys, values) in zip(decoder.layers, past):
             a, m = layer.self_attn, layer.mlp
+            if keys.shape[0] * repeat != n:
+                raise ValueError(f"past has {keys.shape[0]} rows x repeat {repeat}, the mask {n}")
             cache_k = keys.new_empty(n, keys.shape[1], width, keys.shape[3])
             cache_v = torch.empty_like(cache_k)
-            cache_k[:, :, : self.column], cache_v[:, :, : self.column] = keys, values
+            for cache, past_part in ((cache_k, keys), (cache_v, values)):
+                grouped = cache.view(n // repeat, repeat, *cache.shape[1:])  # (B, G, kv_heads, width, d)
+                grouped[:, :, :, : self.column] = past_part.unsqueeze(1)
             if merge:
                 qkv = [effective_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
                 qkv_bias = None

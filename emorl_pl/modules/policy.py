@@ -604,15 +604,16 @@ class AudioLMPolicy(nn.Module):
             synced_gpus = self.is_sharded and _world_size() > 1
         hf = self._hf
         decoder, embed, lm_head = self._decoder(hf), self._embed(hf), hf.lm_head
-        cache = self._shared_prefill(pe, group_size)
+        fuse = self._can_fuse(decoder, lm_head)
+        cache = self._shared_prefill(pe, 1 if fuse else group_size)  # the fused step repeats it itself
         prompt_mask = pe.attention_mask.repeat_interleave(group_size, 0)
         n, p = prompt_mask.shape
         device = prompt_mask.device
         attention = torch.cat([prompt_mask, prompt_mask.new_ones(n, max_new_tokens)], dim=1)
         fused = None
-        if self._can_fuse(decoder, lm_head):
+        if fuse:
             fused = FusedDecodeStep(decoder, lm_head, [(c.keys, c.values) for c in cache.layers], attention,
-                                    merge=self.fused_decode == "merged")
+                                    merge=self.fused_decode == "merged", repeat=group_size)
             del cache
         position = prompt_mask.long().sum(-1, keepdim=True) - 1  # of the last prompt token (left padding)
         x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
@@ -679,7 +680,8 @@ class AudioLMPolicy(nn.Module):
             inputs_embeds=pe.inputs_embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
             past_key_values=cache, use_cache=True,
         )
-        cache.batch_repeat_interleave(group_size)
+        if group_size > 1:
+            cache.batch_repeat_interleave(group_size)
         return cache
 
     def greedy(
