@@ -115,7 +115,7 @@ def unsupported(decoder: nn.Module, lm_head: nn.Module) -> str | None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             if problem := _linear_problem(f"layers.{i}.mlp.{name}", getattr(layer.mlp, name)):
                 return problem
-        if any(effective_linear(getattr(layer.mlp, name))[1] is not None for name in ("gate_proj", "up_proj")):
+        if any(projection(getattr(layer.mlp, name))[1] is not None for name in ("gate_proj", "up_proj")):
             return f"layers.{i}.mlp: gate/up projections with a bias"
     return _linear_problem("lm_head", lm_head)
 
