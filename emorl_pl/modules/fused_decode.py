@@ -37,20 +37,6 @@ from torch import Tensor, nn
 _LAYER_CLASSES = ("Qwen2DecoderLayer",)  # Qwen2-Audio's language model; Omni's thinker uses 3-D mrope
 
 
-def effective_linear(module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """(weight, bias) that ``module(x)`` applies: an ``nn.Linear``'s own, or a peft LoRA ``Linear``'s base
-    weight plus each active adapter's delta (none when adapters are disabled or already merged)."""
-    if type(module) is nn.Linear:
-        return module.weight, module.bias
-    base = module.get_base_layer()
-    weight = base.weight
-    if not (module.disable_adapters or module.merged):
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                weight = weight + module.get_delta_weight(name).to(weight.dtype)
-    return weight, base.bias
-
-
 Projection = tuple[Tensor, "Tensor | None", list[tuple[Tensor, Tensor, float]]]  # W, bias, [(A, B, s)]
 
 
@@ -65,6 +51,15 @@ def projection(module: nn.Module) -> Projection:
         adapters = [(module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a])
                     for a in module.active_adapters if a in module.lora_A]
     return base.weight, base.bias, adapters
+
+
+def effective_linear(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) that ``module(x)`` applies: W + sum_a s_a B_a A_a over ``projection``'s adapters (a new
+    tensor when there are any; the delta in float32, as peft merges, then in W's dtype)."""
+    weight, bias, adapters = projection(module)
+    for a, b, scale in adapters:
+        weight = weight + ((b.float() @ a.float()) * scale).to(weight.dtype)
+    return weight, bias
 
 
 def apply(x: Tensor, proj: Projection) -> Tensor:
