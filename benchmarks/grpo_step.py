@@ -43,26 +43,36 @@ PHASES = ("prompts (processor)", "audio encode+merge", "rollout (generate)", "re
           "logps ref (no grad)", "logps policy (fwd)", "backward", "optimizer")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of every benchmark that times GRPO steps: the model, B, G, tokens, loss, repetitions."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=None, help="local model dir (default: the tiny model, built once)")
     p.add_argument("--batch-size", type=int, default=4, help="B utterances per step")
     p.add_argument("--group-size", type=int, default=6, help="G completions per utterance")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=None, help="default: B*G (one pass)")
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--num-iterations", type=int, default=1)
     p.add_argument("--loss-type", default="grpo")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seconds", type=float, default=1.5, help="length of the random waveforms")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up + 2 reps (smoke test)")
+    return p
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.group_size, args.max_new_tokens, args.warmup, args.reps = 2, 2, 8, 1, 2
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = step_arguments(__doc__.split("\n\n")[0])
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: B*G (one pass)")
+    p.add_argument("--num-iterations", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    return parse_step_args(p, argv)
 
 
 def default_model_dir() -> str:

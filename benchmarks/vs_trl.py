@@ -39,28 +39,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CallCounter, PeakMemory, floor_seconds, print_table, quantiles, sync, synthetic_batch  # noqa: E402
-from grpo_step import build_module, default_model_dir  # noqa: E402
+from grpo_step import build_module, default_model_dir, parse_step_args, step_arguments  # noqa: E402
 
 from emorl_pl.modules.policy import AudioLMPolicy  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="local Qwen2-Audio dir (default: the tiny model)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--loss-type", default="grpo")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seconds", type=float, default=1.5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up + 2 reps (smoke test)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.group_size, args.max_new_tokens, args.warmup, args.reps = 2, 2, 8, 1, 2
-    args.dtype, args.num_iterations, args.micro_batch_size = "float32", 1, None
+    args = parse_step_args(step_arguments(__doc__.split("\n\n")[0]), argv)
+    args.dtype, args.num_iterations, args.micro_batch_size = "float32", 1, None  # what TRL's side runs
     return args
 
 
@@ -110,9 +96,10 @@ class Side:
         self.rows: list[int] = []
         self.last_tokens = float("nan")
         self.holding = False
+        self.base: int | None = None  # memory level before the first step
 
     def begin(self) -> None:
-        if not self.times and not hasattr(self, "base"):
+        if self.base is None:
             self.base = self.memory.level()  # after loading, before the first step: what training adds
         # A turn runs from one step's begin to the next: what a loop does between steps (TRL's data
         # loader turns the audio arrays into Python lists there) must not overlap the other's timed step.
@@ -278,9 +265,7 @@ class OursTiming(L.Callback):
         self.side.end()
 
 
-def _run_ours(args, model_dir: str, baton: Baton) -> dict:
-    torch.manual_seed(0)
-    batch = synthetic_batch(args.batch_size, args.seconds, seed=0)
+def _run_ours(args, model_dir: str, baton: Baton, batch: dict) -> dict:
     module = build_module(args, model_dir)
     policy: AudioLMPolicy = module.policy.load()
     ours = Side("ours", baton, args.warmup + args.reps, policy._audio_tower(policy.hf_model), PeakMemory())
@@ -303,9 +288,7 @@ def _run_ours(args, model_dir: str, baton: Baton) -> dict:
     return {**ours.record(), "floors": floors, "device": str(trainer.strategy.root_device)}
 
 
-def _run_trl(args, model_dir: str, baton: Baton, shared: dict) -> dict:
-    torch.manual_seed(0)
-    batch = synthetic_batch(args.batch_size, args.seconds, seed=0)
+def _run_trl(args, model_dir: str, baton: Baton, batch: dict, shared: dict) -> dict:
     reward_set = build_module(args, model_dir).reward_set  # the policy is not loaded by this
     trainer, theirs = build_trl(
         args, model_dir, batch, shared["instruction"], shared["lora_targets"], reward_set,
@@ -318,7 +301,12 @@ def _run_trl(args, model_dir: str, baton: Baton, shared: dict) -> dict:
 def _side_process(name: str, args, model_dir: str, baton: Baton, shared: dict, results) -> None:
     """One trainer in its own process; its records (or its error) go back through ``results``."""
     try:
-        record = _run_ours(args, model_dir, baton) if name == "ours" else _run_trl(args, model_dir, baton, shared)
+        torch.manual_seed(0)
+        batch = synthetic_batch(args.batch_size, args.seconds, seed=0)  # the same B utterances on both sides
+        if name == "ours":
+            record = _run_ours(args, model_dir, baton, batch)
+        else:
+            record = _run_trl(args, model_dir, baton, batch, shared)
         results.put((name, record, None))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         import traceback
@@ -345,22 +333,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for proc in procs.values():
         proc.start()
     records: dict[str, dict] = {}
-    while len(records) < len(procs):
-        try:
-            name, record, error = results.get(timeout=5)
-        except queue.Empty:
-            dead = [n for n, p in procs.items() if n not in records and not p.is_alive()]
-            if dead:
-                for proc in procs.values():
-                    proc.terminate()
-                raise RuntimeError(
-                    f"vs_trl: the {dead[0]} process died (exit code {procs[dead[0]].exitcode})") from None
-            continue
-        if error is not None:
-            for proc in procs.values():
-                proc.terminate()
-            raise RuntimeError(f"vs_trl: the {name} side failed:\n{error}")
-        records[name] = record
+    try:
+        while len(records) < len(procs):
+            try:
+                name, record, error = results.get(timeout=5)
+            except queue.Empty:
+                dead = [n for n, p in procs.items() if n not in records and not p.is_alive()]
+                if dead:
+                    raise RuntimeError(
+                        f"vs_trl: the {dead[0]} process died (exit code {procs[dead[0]].exitcode})") from None
+                continue
+            if error is not None:
+                raise RuntimeError(f"vs_trl: the {name} side failed:\n{error}")
+            records[name] = record
+    except BaseException:
+        for proc in procs.values():  # a failed or interrupted run leaves no trainer behind
+            proc.terminate()
+        raise
     for proc in procs.values():
         proc.join()
 
