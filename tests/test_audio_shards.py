@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import tarfile
 
 import numpy as np
 import pytest
 import soundfile as sf
+from shard_reader import read_split
 
 from emorl_pl.audio import AudioReadError, load_audio, resample, to_mono
-from emorl_pl.datamodules.shards import AudioSample, SplitWriter, read_index, split_shards
+from emorl_pl.datamodules.shards import AudioSample, SplitWriter, read_index
 
 
 def _meta(label: str = "ang", speaker: str = "s1") -> dict:
     return {"label": label, "corpus_label": label.upper(), "corpus": "toy", "speaker": speaker}
-
-
-def _read_split(split_dir) -> dict[str, dict]:
-    """key -> {"audio", "sr", "meta"} read with tarfile + soundfile, independently of the reader code."""
-    out: dict[str, dict] = {}
-    for path in split_shards(split_dir):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                data = tar.extractfile(member).read()
-                entry = out.setdefault(key, {})
-                if ext == "flac":
-                    entry["audio"], entry["sr"] = sf.read(io.BytesIO(data), dtype="float32")
-                    entry["subtype"] = sf.info(io.BytesIO(data)).subtype
-                else:
-                    entry["meta"] = json.loads(data)
-    return out
 
 
 def test_load_audio_errors_name_the_path(tmp_path):
@@ -80,7 +61,7 @@ def test_writer_round_trip(tmp_path):
         assert w.write(AudioSample("utt2", stereo_8k, 8000, _meta("excited", "s2")))
         assert w.write(AudioSample("utt3", mono[:4000], 16000, _meta("neu", "s1")))
     index = w.close()
-    got = _read_split(tmp_path / "train")
+    got = read_split(tmp_path / "train")
     assert set(got) == {"utt_one", "utt2", "utt3"}  # dots replaced
     one = got["utt_one"]
     assert one["sr"] == 16000 and one["subtype"] == "PCM_16"
@@ -106,7 +87,7 @@ def test_overlong_crop_and_skip_are_counted(tmp_path):
         assert w.write(AudioSample("a", long, 16000, _meta()))
     index = w.close()
     assert index["cropped"] == 1 and index["total_duration"] == pytest.approx(1.5)
-    assert len(_read_split(tmp_path / "crop")["a"]["audio"]) == 24000
+    assert len(read_split(tmp_path / "crop")["a"]["audio"]) == 24000
     with SplitWriter(tmp_path, "skip", max_duration=1.5, overlong="skip") as w:
         assert not w.write(AudioSample("a", long, 16000, _meta()))
         assert w.write(AudioSample("b", long[:16000], 16000, _meta()))

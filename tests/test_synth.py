@@ -3,31 +3,20 @@ separability by simple acoustic features computed from the decoded audio (not fr
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from collections import Counter
 
 import numpy as np
 import pytest
-import soundfile as sf
+from shard_reader import read_split
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from emorl_pl.datamodules.shards import split_shards
 from emorl_pl.datamodules.synth import SynthDataModule, write_synth_corpus
 
 
 def _read(split_dir) -> list[tuple[np.ndarray, dict]]:
-    items: dict[str, dict] = {}
-    for path in split_shards(split_dir):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                data = tar.extractfile(m).read()
-                items.setdefault(key, {})[ext] = data
-    return [(sf.read(io.BytesIO(v["flac"]), dtype="float32")[0], json.loads(v["json"])) for _, v in sorted(items.items())]
+    return [(entry["audio"], entry["meta"]) for _, entry in sorted(read_split(split_dir).items())]
 
 
 def features(x: np.ndarray, sr: int = 16000) -> list[float]:
