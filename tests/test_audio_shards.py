@@ -10,7 +10,13 @@ import soundfile as sf
 from shard_reader import read_split
 
 from emorl_pl.audio import AudioReadError, load_audio, resample, to_mono
-from emorl_pl.datamodules.shards import AudioSample, SplitWriter, read_index
+from emorl_pl.datamodules.shards import (
+    AudioSample,
+    SplitWriter,
+    count_shard_labels,
+    is_partial_split,
+    read_index,
+)
 
 
 def _meta(label: str = "ang", speaker: str = "s1") -> dict:
@@ -76,6 +82,11 @@ def test_writer_round_trip(tmp_path):
     assert index["speaker_counts"] == {"s1": 2, "s2": 1}
     assert index["shards"] == ["shard-000000.tar", "shard-000001.tar"]  # max_count=2
     assert index["corpora"] == ["toy"] and index["sample_rate"] == 16000
+    # per-shard label counts, checked against the oracle reader's view of each shard
+    assert index["shard_label_counts"] == {"shard-000000.tar": {"angry": 1, "happy": 1},
+                                           "shard-000001.tar": {"neutral": 1}}
+    for name, counts in index["shard_label_counts"].items():
+        assert count_shard_labels(tmp_path / "train" / name) == counts
     assert index["total_duration"] == pytest.approx(2.25)
     on_disk = read_index(tmp_path / "train")
     assert on_disk == {k: v for k, v in index.items() if k != "skipped_files"}
@@ -124,3 +135,56 @@ def test_read_index_errors(tmp_path):
     (tmp_path / "index.json").write_text('{"split": "x"}')
     with pytest.raises(ValueError, match="num_samples"):
         read_index(tmp_path)
+
+
+def test_writer_interrupted_by_an_exception_writes_no_index(tmp_path):
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with SplitWriter(tmp_path, "train", max_count=1) as w:
+            for i in range(3):
+                w.write(AudioSample(f"a{i}", np.zeros(160, dtype=np.float32), 16000, _meta()))
+            raise RuntimeError("disk on fire")
+    folder = tmp_path / "train"
+    assert len(list(folder.glob("shard-*.tar"))) == 3 and not (folder / "index.json").exists()
+    assert is_partial_split(folder)
+    assert len(read_split_tars(folder)) == 3  # the shards were closed: readable tars
+    with pytest.raises(FileExistsError, match=r"partial conversion \(3 shard\(s\), no index.json\).*overwrite"):
+        SplitWriter(tmp_path, "train")
+    with SplitWriter(tmp_path, "train", overwrite=True) as w:
+        w.write(AudioSample("b", np.zeros(160, dtype=np.float32), 16000, _meta()))
+    assert read_index(folder)["num_samples"] == 1 and not is_partial_split(folder)
+    assert sorted(p.name for p in folder.glob("shard-*.tar")) == ["shard-000000.tar"]
+
+
+def read_split_tars(folder) -> list[str]:
+    """Keys of every shard in ``folder`` (no index needed), read with tarfile."""
+    import tarfile
+
+    keys = []
+    for path in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            keys += sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+    return keys
+
+
+def test_count_shard_labels_reads_like_the_stream(tmp_path):
+    """Records without audio, with bad JSON or an unknown label are not counted; aliases are mapped."""
+    import io
+    import json
+    import tarfile
+
+    members = [("a.flac", b"x"), ("a.json", json.dumps({"label": "ang"}).encode()),
+               ("b.json", json.dumps({"label": "sad"}).encode()),  # no audio member
+               ("c.flac", b"x"), ("c.json", b"{broken"),
+               ("d.flac", b"x"), ("d.json", json.dumps({"label": "grumpy"}).encode()),
+               ("e.FLAC", b"x"), ("e.json", json.dumps({"label": "sad", "text": "hi"}).encode()),
+               ("f.flac", b"x"), ("f.json", json.dumps({"label": "angry"}).encode())]
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert count_shard_labels(path) == {"angry": 2, "sad": 1}
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(OSError, match="bad.tar"):
+        count_shard_labels(tmp_path / "bad.tar")

@@ -53,6 +53,33 @@ def test_savee_cli_overwrite_and_strict(tmp_path, capsys):
     assert "JE_n02.wav" in capsys.readouterr().err
 
 
+def test_interrupted_conversion_leaves_no_index_and_a_rerun_says_so(tmp_path, capsys):
+    make_savee(tmp_path / "savee")
+    broken = tmp_path / "savee" / "KL_sa01.wav"  # the last of the valid split (KL): 3 written before it
+    broken.write_bytes(b"not audio")
+    args = ["savee", "--root", str(tmp_path / "savee"), "--out", str(tmp_path / "out"), "--fold", "2",
+            "--valid-speakers", "KL", "--no-progress"]
+    assert main([*args, "--strict"]) == 1  # stops at the broken file, in the middle of the valid split
+    assert "KL_sa01.wav" in capsys.readouterr().err
+    train, valid = tmp_path / "out" / "train", tmp_path / "out" / "valid"
+    assert read_index(train)["num_samples"] == 8  # the split finished before the stop is complete
+    shards = sorted(valid.glob("shard-*.tar"))
+    assert shards and not (valid / "index.json").exists(), "an interrupted split must not look complete"
+    sizes = [p.stat().st_size for p in shards]
+
+    assert main(args) == 1  # a re-run finds the partial folder, says what to do and touches nothing
+    err = capsys.readouterr().err
+    assert f"{valid} holds a partial conversion (no index.json)" in err and "rerun with --overwrite" in err
+    assert f"refusing to overwrite existing shards in {train}" in err
+    assert [p.stat().st_size for p in sorted(valid.glob("shard-*.tar"))] == sizes
+    assert not (valid / "index.json").exists()
+
+    tone(broken)
+    assert main([*args, "--overwrite"]) == 0
+    assert read_index(valid)["label_counts"] == {"neutral": 2, "angry": 1, "sad": 1}
+    assert read_index(tmp_path / "out" / "test")["num_samples"] == 4
+
+
 def test_label_set_and_dry_run(tmp_path, capsys):
     make_savee(tmp_path / "savee")
     assert main(["savee", "--root", str(tmp_path / "savee"), "--out", str(tmp_path / "out"), "--dry-run",

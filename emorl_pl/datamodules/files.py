@@ -1,13 +1,20 @@
 """Predict over plain audio files: a folder, a glob, or a list of paths (no shards needed).
 
 A missing, empty or unreadable file does not stop the run: it becomes an ``errors`` row of its batch
-(``{"key": path, "error": "..."}``), which the prediction writer writes as its own JSONL line.
+(``{"key": path, "error": "..."}``), which the prediction writer writes as its own JSONL line. Its row
+stays in the batch as a placeholder (0.1 s of silence, ``is_pad`` true, no prediction wanted), so that
+an unreadable file never changes how many batches a rank runs.
+
+With R ranks, rank r predicts files ``r, r+R, r+2R, ...`` and every rank runs ``ceil(ceil(n/R) / B)``
+batches: a rank with one file fewer gets one padding row (``is_pad``, key ``"<padding>"``). Ranks of a
+sharded model must run the same number of steps, or their collective calls hang. The DataModule splits
+the files itself (Lightning's own predict sampler gives ranks unequal counts and is therefore not used).
 """
 
 from __future__ import annotations
 
-import functools
 import glob
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -39,39 +46,81 @@ def expand_audio_paths(paths: str | list[str]) -> list[str]:
     return out
 
 
-class AudioFiles(Dataset):
-    def __init__(self, paths: list[str], sample_rate: int, max_duration: float | None) -> None:
-        self.paths, self.sample_rate, self.max_duration = paths, sample_rate, max_duration
+PADDING_KEY = "<padding>"
+PLACEHOLDER_SECONDS = 0.1
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        path = self.paths[i]
-        try:
-            audio, sr = load_audio(path)
-            audio = resample(to_mono(audio), sr, self.sample_rate).astype(np.float32)
-            if audio.size == 0:
-                raise ValueError(f"{path}: audio is empty")
-        except Exception as err:  # noqa: BLE001 - any unreadable file becomes an error row
-            return {"key": path, "error": str(err)}
-        if self.max_duration is not None:
-            audio = audio[: int(self.max_duration * self.sample_rate)]
-        return {"key": path, "audio": torch.from_numpy(audio)}
+def rank_files(files: list[str], rank: int, world_size: int) -> list[str | None]:
+    """Rank ``rank``'s files (every ``world_size``-th), then None (a padding row) up to the largest
+    rank's count, so that every rank runs the same number of batches (a short last batch is fine)."""
+    mine: list[str | None] = list(files[rank::world_size])
+    return mine + [None] * (math.ceil(len(files) / world_size) - len(mine))
+
+
+def load_file(path: str, sample_rate: int, max_duration: float | None) -> dict[str, Any]:
+    """``{"key", "audio"}`` or, for a missing/empty/unreadable file, ``{"key", "error"}``."""
+    try:
+        audio, sr = load_audio(path)
+        audio = resample(to_mono(audio), sr, sample_rate).astype(np.float32)
+        if audio.size == 0:
+            raise ValueError(f"{path}: audio is empty")
+    except Exception as err:  # noqa: BLE001 - any unreadable file becomes an error row
+        return {"key": path, "error": str(err)}
+    if max_duration is not None:
+        audio = audio[: int(max_duration * sample_rate)]
+    return {"key": path, "audio": torch.from_numpy(audio)}
 
 
 def collate_files(items: list[dict[str, Any]], sample_rate: int) -> dict[str, Any]:
-    ok = [x for x in items if "audio" in x]
+    """Every item keeps its row; unreadable files and padding get silent audio and ``is_pad`` true."""
+    silence = torch.zeros(int(sample_rate * PLACEHOLDER_SECONDS))
     return {
-        "waveforms": [x["audio"] for x in ok],
+        "waveforms": [x["audio"] if "audio" in x else silence for x in items],
         "sample_rate": sample_rate,
-        "keys": [x["key"] for x in ok],
-        "labels": [None] * len(ok),
-        "texts": [None] * len(ok),
-        "corpus": ["files"] * len(ok),
-        "meta": [{} for _ in ok],
+        "keys": [x["key"] for x in items],
+        "labels": [None] * len(items),
+        "texts": [None] * len(items),
+        "corpus": ["files"] * len(items),
+        "meta": [{} for _ in items],
+        "is_pad": ["audio" not in x for x in items],
         "errors": [{"key": x["key"], "error": x["error"]} for x in items if "error" in x],
     }
+
+
+class FileBatches(Dataset):
+    """Item ``m`` = batch ``m`` of one rank's files (None entries are padding rows)."""
+
+    def __init__(self, paths: list[str | None], batch_size: int, sample_rate: int,
+                 max_duration: float | None) -> None:
+        self.paths, self.batch_size = paths, batch_size
+        self.sample_rate, self.max_duration = sample_rate, max_duration
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, m: int) -> dict[str, Any]:
+        chunk = self.paths[m * self.batch_size : (m + 1) * self.batch_size]
+        items = [{"key": PADDING_KEY} if p is None else load_file(p, self.sample_rate, self.max_duration)
+                 for p in chunk]
+        return collate_files(items, self.sample_rate)
+
+
+class FileLoader:
+    """A plain iterable over a DataLoader of whole batches: not a DataLoader, so that Lightning does not
+    replace its sampler by a distributed one (the files are split between ranks already)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 class AudioFilesDataModule(L.LightningDataModule):
@@ -87,16 +136,30 @@ class AudioFilesDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.paths, self.label_set, self.sample_rate = paths, label_set, sample_rate
         self.max_duration, self.batch_size, self.num_workers = max_duration, batch_size, num_workers
 
-    def predict_dataloader(self) -> DataLoader:
+    def distributed_info(self) -> tuple[int, int]:
+        """(rank, world_size): from the attached trainer, else torch.distributed, else (0, 1)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def build_predict_loader(self, rank: int | None = None, world_size: int | None = None) -> FileLoader:
+        """The predict batches of one rank (explicit rank/world_size override the trainer's, for tests)."""
+        r, ws = self.distributed_info()
+        rank, world_size = (r if rank is None else rank), (ws if world_size is None else world_size)
         files = expand_audio_paths(self.paths)
         if not files:
             raise FileNotFoundError(f"data.init_args.paths={self.paths!r} matched no audio files")
-        return DataLoader(
-            AudioFiles(files, self.sample_rate, self.max_duration),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=functools.partial(collate_files, sample_rate=self.sample_rate),
-        )
+        batches = FileBatches(rank_files(files, rank, world_size), self.batch_size,
+                              self.sample_rate, self.max_duration)
+        return FileLoader(DataLoader(batches, batch_size=None, num_workers=self.num_workers, collate_fn=_identity))
+
+    def predict_dataloader(self) -> FileLoader:
+        return self.build_predict_loader()

@@ -12,14 +12,18 @@ Keys contain no dots (WebDataset splits key and extension at the first dot of th
 writer replaces ``.`` by ``_`` and refuses duplicate keys within a split.
 
 ``index.json``: ``{"split", "num_samples", "label_counts", "speaker_counts", "shards", "sample_rate",
-"corpora", "total_duration", "skipped", "cropped"}``; it is written last, so a folder with tars and no
-index is an interrupted conversion.
+"corpora", "total_duration", "skipped", "cropped", "shard_label_counts"}`` (``shard_label_counts``:
+``{shard name: {label: n}}``, which lets the training stream partition samples exactly without reading
+the shards; indexes written before it existed lack it, and the stream then counts with
+``count_shard_labels``). It is written last and only when the whole split was written, so a folder
+with tars and no index is an interrupted conversion (``is_partial_split``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +70,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def is_partial_split(split_dir: str | Path) -> bool:
+    """True when ``split_dir`` holds shards but no index.json: a conversion that stopped before the end."""
+    split_dir = Path(split_dir)
+    return any(split_dir.glob("shard-*.tar")) and not (split_dir / INDEX_NAME).exists()
+
+
 class SplitWriter:
     """Write one split as WebDataset shards + index.json (a context manager; ``close`` writes the index).
+
+    Leaving the ``with`` block through an exception closes the open shard but writes no index, so an
+    interrupted conversion never looks complete (``is_partial_split``).
 
     Each ``write`` mixes to mono, resamples to ``sample_rate``, crops (``overlong="crop"``) or skips
     (``overlong="skip"``) audio longer than ``max_duration`` seconds, and encodes FLAC PCM_16.
@@ -100,6 +113,11 @@ class SplitWriter:
         self.overlong = overlong
         existing = sorted(self.dir.glob("shard-*.tar")) + sorted(self.dir.glob(INDEX_NAME))
         if existing and not overwrite:
+            if is_partial_split(self.dir):
+                raise FileExistsError(
+                    f"split folder {self.dir} holds a partial conversion ({len(existing)} shard(s), no "
+                    f"{INDEX_NAME}): pass overwrite=True to replace it"
+                )
             raise FileExistsError(
                 f"split folder {self.dir} already has shards/index ({len(existing)} files); "
                 "pass overwrite=True to replace them"
@@ -112,6 +130,8 @@ class SplitWriter:
         self._keys: set[str] = set()
         self._labels: Counter[str] = Counter()
         self._speakers: Counter[str] = Counter()
+        self._shard_labels: dict[str, dict[str, int]] = {}
+        self._open_shard_labels: Counter[str] = Counter()  # labels written to the shard still open
         self._corpora: set[str] = set()
         self._total_duration = 0.0
         self._cropped = 0
@@ -121,9 +141,21 @@ class SplitWriter:
     def __enter__(self) -> SplitWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._index is None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._index is not None:
+            return
+        if exc_type is None:
             self.close()
+        elif self._writer is not None:
+            # Release the open tar, but write no index: the split is incomplete and must look so.
+            self._writer.close()
+            self._writer = None
+
+    def _shard_done(self, fname: str) -> None:
+        # ShardWriter calls this when it closes a shard, before the next record is written.
+        self._shards.append(Path(fname).name)
+        self._shard_labels[Path(fname).name] = dict(sorted(self._open_shard_labels.items()))
+        self._open_shard_labels = Counter()
 
     @property
     def num_samples(self) -> int:
@@ -176,10 +208,11 @@ class SplitWriter:
             # Opened lazily so that an empty split leaves no empty tar behind.
             self._writer = wds.ShardWriter(str(self.dir / SHARD_PATTERN), maxcount=self.max_count,
                                            maxsize=self.max_bytes, verbose=0,
-                                           post=lambda fname: self._shards.append(Path(fname).name))
+                                           post=self._shard_done)
         self._writer.write(record)
         self._keys.add(key)
         self._labels[label] += 1
+        self._open_shard_labels[label] += 1
         self._speakers[meta["speaker"]] += 1
         self._corpora.add(meta["corpus"])
         self._total_duration += duration
@@ -201,6 +234,7 @@ class SplitWriter:
                 "total_duration": round(self._total_duration, 3),
                 "skipped": len(self._skipped_files),
                 "cropped": self._cropped,
+                "shard_label_counts": dict(sorted(self._shard_labels.items())),
             }
             tmp = self.dir / (INDEX_NAME + ".tmp")
             tmp.write_text(json.dumps(self._index, indent=2, ensure_ascii=False) + "\n")
@@ -244,19 +278,17 @@ class LabelOutsideSetError(SampleDecodeError):
     """A known emotion that is not in the label set in use (expected, e.g. MELD's disgust under iemocap4)."""
 
 
-def decode_record(
-    record: dict, *, sample_rate: int = 16000, max_duration: float | None = None,
-    label_set: tuple[str, ...] | None = None,
-) -> dict:
-    """Decode one raw WebDataset record ``{"__key__", "__url__", "flac", "json"}`` into a sample dict.
+def _record_where(record: dict) -> str:
+    return f"{record.get('__url__', '<unknown shard>')}:{record.get('__key__', '<no key>')}"
 
-    Returns ``{"key", "waveform" (1-D float32 np.ndarray at sample_rate, at most max_duration s),
-    "label" (canonical, in label_set when given), "text", "corpus", "meta"}``. Raises SampleDecodeError
-    naming the shard URL and key for undecodable audio, bad JSON, a missing field or a label outside
-    ``label_set`` (aliases are mapped to canonical names first).
+
+def record_meta(record: dict, label_set: tuple[str, ...] | None = None) -> tuple[dict, str]:
+    """The checks of ``decode_record`` that need no audio decoding: ``(meta, canonical label)``.
+
+    A record passing them is *usable*: the training stream partitions exactly these records, so this
+    predicate must stay the one ``decode_record`` applies before it decodes the audio.
     """
-    key = record.get("__key__", "<no key>")
-    where = f"{record.get('__url__', '<unknown shard>')}:{key}"
+    where = _record_where(record)
     if "json" not in record or "flac" not in record:
         have = sorted(k for k in record if not k.startswith("__"))
         raise SampleDecodeError(f"{where}: record needs .flac and .json members, has {have}")
@@ -273,6 +305,23 @@ def decode_record(
         raise SampleDecodeError(f"{where}: label {meta['label']!r} is not a known emotion")
     if label_set is not None and label not in label_set:
         raise LabelOutsideSetError(f"{where}: label {label!r} is outside the label set {list(label_set)}")
+    return meta, label
+
+
+def decode_record(
+    record: dict, *, sample_rate: int = 16000, max_duration: float | None = None,
+    label_set: tuple[str, ...] | None = None,
+) -> dict:
+    """Decode one raw WebDataset record ``{"__key__", "__url__", "flac", "json"}`` into a sample dict.
+
+    Returns ``{"key", "waveform" (1-D float32 np.ndarray at sample_rate, at most max_duration s),
+    "label" (canonical, in label_set when given), "text", "corpus", "meta"}``. Raises SampleDecodeError
+    naming the shard URL and key for undecodable audio, bad JSON, a missing field or a label outside
+    ``label_set`` (aliases are mapped to canonical names first).
+    """
+    key = record.get("__key__", "<no key>")
+    where = _record_where(record)
+    meta, label = record_meta(record, label_set)
     try:
         audio, sr = decode_audio(record["flac"], where)
     except AudioReadError as exc:
@@ -289,3 +338,49 @@ def decode_record(
         "corpus": str(meta.get("corpus", "")),
         "meta": meta,
     }
+
+
+def _member_key(name: str) -> tuple[str, str] | None:
+    # WebDataset's grouping (webdataset.tariterators.base_plus_ext): key = path up to the first dot of
+    # the file name, extension = the rest, lower-cased.
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return name[: len(name) - len(base)] + stem, ext.lower()
+
+
+def count_shard_labels(path: str | Path) -> dict[str, int]:
+    """``{canonical label: records}`` of one shard, reading only its .json members (tar headers are
+    skipped over, audio is not read). Counts the records ``record_meta`` accepts (label set aside):
+    the fallback of the training stream's plan for shards whose index.json has no
+    ``shard_label_counts``. Raises OSError/tarfile.TarError naming the file when it cannot be read."""
+    counts: Counter[str] = Counter()
+    current: str | None = None
+    members: dict[str, bytes | None] = {}
+
+    def flush() -> None:
+        if current is None or "flac" not in members or members.get("json") is None:
+            return
+        try:
+            _, label = record_meta({"json": members["json"], "flac": b"", "__key__": current})
+        except SampleDecodeError:
+            return
+        counts[label] += 1
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                split = _member_key(info.name) if info.isreg() else None
+                if split is None or split[0].rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                key, ext = split
+                if key != current:
+                    flush()
+                    current, members = key, {}
+                extracted = tar.extractfile(info) if ext == "json" else None
+                members[ext] = extracted.read() if extracted is not None else None
+            flush()
+    except (OSError, tarfile.TarError) as exc:
+        raise OSError(f"cannot read shard {path}: {exc}") from exc
+    return dict(sorted(counts.items()))

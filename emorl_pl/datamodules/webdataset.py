@@ -1,48 +1,71 @@
 """ShardDataModule: WebDataset shards (see shards.py) -> model-agnostic batches of variable-length audio.
 
 A batch is ``{"waveforms": list[Tensor (T,) float32], "sample_rate": int, "labels": list[str],
-"keys": list[str], "texts": list[str | None], "corpus": list[str], "meta": list[dict]}`` (no padding:
-the policy's processor pads/featurises).
+"keys": list[str], "texts": list[str | None], "corpus": list[str], "meta": list[dict],
+"is_pad": list[bool], "errors": list[{"key", "error"}]}`` (no padding of the audio: the policy's
+processor pads/featurises). ``is_pad`` rows exist only so that every rank runs the same number of
+steps (ranks of a sharded model must make the same collective calls); they are never real data and
+evaluation metrics skip them.
 
-Training stream (per epoch ``e``, per rank ``r`` of ``R``, per DataLoader worker ``w`` of ``W``):
+Training stream (rank ``r`` of ``R``, ``B`` samples per batch, DataLoader workers ``W``):
 
-* the shard list is shuffled with seed ``(seed, e)`` (same on every rank) and split, as
-  ``wds.split_by_node`` / ``wds.split_by_worker`` do, ``shards[r::R][w::W]``; when there are fewer shards
-  than ``R * W`` every (rank, worker) reads all shards and keeps sample ``i`` iff
-  ``i % (R * W) == r * W + w``, so no rank is left without data (an empty rank would hang DDP);
-* each worker loops over its shards forever (reshuffled each pass), through a shuffle buffer seeded with
-  ``(seed, e, r, w)``, and stops after its share of the epoch: the loader yields
-  ``N = epoch_length or ceil(num_samples / (batch_size * R))`` batches per rank, batch ``k`` coming
-  from worker ``k % W`` (DataLoader's in-order round robin), so worker ``w`` makes ``ceil((N - w) / W)``;
-* resuming: ``state_dict() = {"epoch": e, "batches": k}`` (batches handed out in the current epoch).
-  The order is a pure function of (seed, e, r, R, W), so after ``load_state_dict`` the loader replays
-  epoch ``e`` and discards its first ``k`` batches (decoded again, then dropped). The same state is
-  exposed by the train loader itself, which Lightning saves/restores in checkpoints (``_Stateful``).
-  Workers are not persistent (each epoch re-creates them with the new epoch number).
+* a *usable* sample is a record whose JSON parses and whose label is in the label set
+  (``shards.record_meta``); ``U`` of them per pass. Per-shard counts come from index.json
+  (``shard_label_counts``) or, for older indexes and bare tar patterns, from reading the shards'
+  .json members once when the loader is built;
+* pass ``p``: the shard list is shuffled with seed ``(seed, p)``, the same on every rank and worker;
+  the usable samples, in that shard order, get positions ``0..U-1``, and rank ``r`` takes the
+  contiguous range ``[r*U//R, (r+1)*U//R)``. The ranges partition the pass: every usable sample goes
+  to exactly one rank, whatever the number and sizes of the shards (several ranks may read parts of
+  one shard). The rank's range goes through a shuffle buffer seeded ``(seed, p, r)`` and is cut into
+  ``Np = ceil(ceil(U/R) / B)`` full batches;
+* padding, the one exception to "each sample exactly once per pass": ranks must run the same number
+  of steps (or DDP/FSDP hang), so a rank whose range is shorter than ``Np * B`` (at most ``B`` rows
+  short) fills its last batch(es) with repeats of its first samples of the pass, flagged
+  ``is_pad``. A sample whose audio cannot be decoded is skipped (logged, counted) and its row
+  replaced the same way, so a batch never shrinks;
+* the rank's batch sequence is a pure function of (seed, p, r, R, B, U): it does not depend on the
+  number of DataLoader workers. Each worker reads the rank's records (tar reading and JSON parsing,
+  cheap) and decodes only the batches it hands out: batch ``k`` of the epoch comes from worker
+  ``k % W`` (DataLoader's in-order round robin);
+* epochs: without ``epoch_length`` epoch ``e`` is pass ``e``. With it, the stream is passes 0, 1, 2...
+  back to back and epoch ``e`` is its batches ``[e*L, (e+1)*L)``, so each pass is still seen once;
+* resuming: ``state_dict() = {"epoch", "batches", "world_size", "batch_size", "seed", "samples",
+  "epoch_length"}`` (``batches`` handed out in the current epoch). After ``load_state_dict`` the
+  workers regenerate the epoch's batch sequence and decode from batch ``batches`` on. A different
+  ``num_workers`` resumes exactly (the sequence does not depend on it). A different world size,
+  batch size, seed, sample count or epoch_length changes the sequence, so resuming inside an epoch
+  with one is refused with a ValueError naming the saved and current values; at an epoch boundary
+  (``batches == 0``, no epoch_length) it is accepted: the next epoch is a new pass planned with the
+  current values. The same state is exposed by the train loader itself, which Lightning saves and
+  restores in checkpoints (``_Stateful``). Workers are not persistent (each epoch re-creates them).
 
-Evaluation streams (valid / each test set): every sample exactly once across ranks, no padding.
-Records are enumerated in shard order; those whose JSON parses and whose label is in the label set get
-an index ``j``, and rank ``r`` keeps ``j % R == r``. Ranks' sample counts thus differ by at most one, so
-their batch counts differ by at most one: fine for Lightning eval loops that do not synchronise per
-step (``sync_dist`` at epoch end is fine), NOT for code that needs the same number of collective calls
-on every rank per step (e.g. FSDP generate in validation_step). With ``W`` workers each worker reads all
-shards of the set (cheap: tar reading, not decoding) and decodes batch ``m`` of its rank iff
-``m % W == w``.
+Evaluation streams (valid / each test set): every sample exactly once across ranks. Records are
+enumerated in shard order; those whose JSON parses and whose label is in the label set get an index
+``j``, and rank ``r`` keeps ``j % R == r``. Every rank runs ``ceil(ceil(J/R) / B)`` batches: a rank
+with one sample fewer gets a padding batch (a copy of a real sample, ``is_pad``), and a sample whose
+audio cannot be decoded stays in its batch as a placeholder (0.1 s of silence, ``is_pad``, with an
+``errors`` entry), so a corrupt sample never changes the number of steps of a rank. With ``W`` workers
+each worker reads all shards of the set (cheap: tar reading, not decoding) and decodes batch ``m`` of
+its rank iff ``m % W == w``.
 
 Corrupt samples (undecodable audio, bad JSON, missing field, label outside the label set, unreadable
-tar) are logged (one warning each, with shard URL and key) and counted in ``self.skipped[split]``;
-the counts travel from workers to the main process alongside the batches, so they are exact after an
-iteration with any number of workers.
+tar) are logged (one warning each, with shard URL and key; a label outside the set at debug level)
+and counted in ``self.skipped[split]``; the counts travel from workers to the main process alongside
+the batches, so they are exact after an iteration with any number of workers, and each loader logs a
+one-line summary (``<split>: N sample(s) skipped on rank r``) when it finishes.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +78,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from emorl_pl.datamodules.shards import (
     LabelOutsideSetError,
     SampleDecodeError,
+    count_shard_labels,
     decode_record,
     read_index,
+    record_meta,
     split_shards,
 )
 from emorl_pl.emotions import get_label_set, try_normalize_label
@@ -64,6 +89,10 @@ from emorl_pl.emotions import get_label_set, try_normalize_label
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+Problem = tuple[str, int]  # (message, log level) of a record that was skipped
+PLACEHOLDER_SECONDS = 0.1
+# The fields of the training stream's position that its batch sequence depends on (see the docstring).
+LAYOUT_KEYS = ("world_size", "batch_size", "seed", "samples", "epoch_length")
 
 
 def collate_samples(samples: list[dict], sample_rate: int) -> Batch:
@@ -79,7 +108,18 @@ def collate_samples(samples: list[dict], sample_rate: int) -> Batch:
         "corpus": [s["corpus"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "is_pad": [bool(s.get("is_pad", False)) for s in samples],
+        "errors": [{"key": s["key"], "error": s["error"]} for s in samples if s.get("error")],
     }
+
+
+def placeholder_sample(key: str, label: str, sample_rate: int, error: str | None = None,
+                       meta: dict | None = None) -> dict:
+    """A row that stands in for a sample that cannot be decoded (or for padding when a rank has no
+    decodable sample at all): 0.1 s of silence, flagged ``is_pad`` so that metrics skip it."""
+    meta = dict(meta or {})
+    return {"key": key, "waveform": np.zeros(int(sample_rate * PLACEHOLDER_SECONDS), np.float32),
+            "label": label, "text": None, "corpus": str(meta.get("corpus", "")), "meta": meta,
+            "is_pad": True, "error": error}
 
 
 def resolve_shards(spec: str) -> tuple[list[str], int | None, dict[str, int] | None]:
@@ -129,6 +169,102 @@ def count_in_label_set(label_counts: dict[str, int] | None, num_samples: int | N
     return sum(n for lab, n in label_counts.items() if try_normalize_label(lab, label_set) is not None)
 
 
+def indexed_shard_label_counts(urls: list[str]) -> dict[str, dict[str, int]]:
+    """``{shard path: {label: n}}`` for the shards whose folder's index.json has ``shard_label_counts``."""
+    out: dict[str, dict[str, int]] = {}
+    for folder in sorted({str(Path(u).parent) for u in urls}):
+        try:
+            per_shard = read_index(folder).get("shard_label_counts")
+        except (FileNotFoundError, ValueError):
+            continue
+        if isinstance(per_shard, dict):
+            out.update({str(Path(folder) / name): dict(c) for name, c in per_shard.items() if isinstance(c, dict)})
+    return out
+
+
+def shard_usable_counts(urls: list[str], label_set: tuple[str, ...]) -> list[int]:
+    """Usable samples (label in the label set) per shard, from index.json or, where it lacks them, by
+    reading the shard's .json members (``count_shard_labels``)."""
+    indexed = indexed_shard_label_counts(urls)
+    counts = []
+    for url in urls:
+        labels = indexed.get(str(Path(url)))
+        if labels is None:
+            labels = count_shard_labels(url)
+        counts.append(sum(n for lab, n in labels.items() if try_normalize_label(lab, label_set) is not None))
+    return counts
+
+
+def rank_bounds(total: int, world_size: int) -> list[int]:
+    """Boundaries of the ranks' contiguous ranges of ``total`` positions: rank r has [b[r], b[r+1])
+    (sizes differ by at most one)."""
+    return [r * total // world_size for r in range(world_size + 1)]
+
+
+def batches_per_pass(total: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank runs per pass: enough for the largest rank range, ``ceil(ceil(U/R) / B)``."""
+    return math.ceil(math.ceil(total / world_size) / batch_size)
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """A shard a rank reads in a pass: its usable records get positions ``start .. start+count-1``."""
+
+    url: str
+    start: int
+    count: int
+    report: bool  # this rank reports the shard's skipped records (exactly one rank does, per shard)
+
+
+@dataclass(frozen=True)
+class RankPass:
+    """One rank's part of one pass: positions ``[lo, hi)`` and the shards holding them, in pass order."""
+
+    lo: int
+    hi: int
+    shards: tuple[ShardSlice, ...]
+    order: tuple[str, ...]  # every shard, in pass order (the last resort for padding rows)
+
+
+def plan_rank_pass(urls: list[str], counts: list[int], *, seed: int, pass_index: int, rank: int,
+                   world_size: int) -> RankPass:
+    """Rank ``rank``'s range of pass ``pass_index`` (see the module docstring): a pure function of its
+    arguments, so every rank and worker derives the same partition without talking to the others.
+
+    Shard i's skipped records are reported by the rank whose range holds the shard's first position
+    (the last rank for shards after the last usable sample), so each is counted once per pass."""
+    order = np.random.default_rng([seed, pass_index]).permutation(len(urls))
+    bounds = rank_bounds(sum(counts), world_size)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    slices, start = [], 0
+    for i in order:
+        n = counts[i]
+        owner = min(bisect.bisect_right(bounds, start) - 1, world_size - 1)
+        if (start < hi and start + n > lo) or owner == rank:
+            slices.append(ShardSlice(urls[i], start, n, owner == rank))
+        start += n
+    return RankPass(lo, hi, tuple(slices), tuple(urls[i] for i in order))
+
+
+def check_resume_layout(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse (ValueError naming the saved and current values) to resume a training stream position
+    that the current layout cannot reproduce: inside an epoch, any of LAYOUT_KEYS that changed changes
+    the rest of the epoch's batches."""
+    at_boundary = int(saved.get("batches", 0)) == 0 and saved.get("epoch_length") is None \
+        and current.get("epoch_length") is None
+    changed = [(k, saved[k], current[k]) for k in LAYOUT_KEYS if k in saved and saved[k] != current[k]]
+    if not changed or at_boundary:
+        return
+    what = ", ".join(f"{k}: saved {s!r}, current {c!r}" for k, s, c in changed)
+    raise ValueError(
+        f"cannot resume the training data stream at epoch {saved.get('epoch')}, batch {saved.get('batches')}: "
+        f"the checkpoint's stream was laid out differently ({what}). The rest of that epoch cannot be "
+        "reproduced with the current values, and replaying another order would repeat or skip samples. "
+        "Resume with the saved values, or from a checkpoint taken at an epoch boundary. "
+        "(num_workers may differ: it does not change the order.)"
+    )
+
+
 def _buffer_shuffle(items: Iterator, bufsize: int, rng: np.random.Generator) -> Iterator:
     """Shuffle a stream with a buffer of ``bufsize`` items (bufsize <= 1: unchanged order)."""
     if bufsize <= 1:
@@ -146,18 +282,32 @@ def _buffer_shuffle(items: Iterator, bufsize: int, rng: np.random.Generator) -> 
     yield from buf
 
 
+def _ignore(exn: Exception) -> bool:
+    return True  # another rank/worker reports this unreadable data
+
+
 class _ShardStream(IterableDataset):
-    """Yields ``(batch or None, [skip messages])`` for one rank; split across DataLoader workers."""
+    """Yields ``(batch or None, [skip messages])`` for one rank; split across DataLoader workers.
+
+    Training needs ``counts`` (usable samples per url), ``pass_batches`` (Np) and ``num_batches``
+    (batches per epoch); ``epoch`` and ``start`` (batches of the epoch already handed out) are set by
+    ShardLoader before each iteration.
+    """
 
     def __init__(self, urls: list[str], *, train: bool, batch_size: int, rank: int, world_size: int,
                  sample_rate: int, max_duration: float | None, label_set: tuple[str, ...], seed: int = 0,
-                 epoch: int = 0, num_batches: int = 0, shuffle_buffer: int = 0) -> None:
+                 epoch: int = 0, num_batches: int = 0, shuffle_buffer: int = 0, counts: list[int] | None = None,
+                 pass_batches: int = 0) -> None:
         self.urls, self.train, self.batch_size = list(urls), train, batch_size
         self.rank, self.world_size = rank, world_size
         self.decode_kw = dict(sample_rate=sample_rate, max_duration=max_duration, label_set=label_set)
         self.sample_rate, self.label_set = sample_rate, label_set
         self.seed, self.epoch, self.num_batches, self.shuffle_buffer = seed, epoch, num_batches, shuffle_buffer
+        self.counts, self.pass_batches, self.start = list(counts or []), pass_batches, 0
         self._skips: list[str] = []
+        self._pending: list[Problem] = []
+        self._worker = 0
+        self._substitutes: dict[int, dict] = {}
 
     def _skip(self, msg: str, level: int = logging.WARNING) -> None:
         log.log(level, "skipping sample: %s", msg)
@@ -168,18 +318,24 @@ class _ShardStream(IterableDataset):
         return True  # continue with the next record/shard
 
     def _records(self, urls: list[str]) -> Iterator[dict]:
-        return wds.tarfile_samples(({"url": u} for u in urls), handler=self._tar_handler)
+        # Every rank and worker reads all of an evaluation set: one of them reports unreadable data.
+        handler = self._tar_handler if self.rank == 0 and self._worker == 0 else _ignore
+        return wds.tarfile_samples(({"url": u} for u in urls), handler=handler)
 
-    def _decode(self, record: dict) -> dict | None:
+    def _decode(self, record: dict, count: bool = True) -> tuple[dict | None, str | None]:
+        """(sample, None), or (None, why) for a record that cannot be decoded (logged and counted
+        unless ``count`` is false: a record decoded again for padding was counted already)."""
         try:
-            return decode_record(record, **self.decode_kw)
+            return decode_record(record, **self.decode_kw), None
         except LabelOutsideSetError as exc:
             # expected when a corpus has more classes than the label set: counted, logged quietly
-            self._skip(str(exc), logging.DEBUG)
-            return None
+            if count:
+                self._skip(str(exc), logging.DEBUG)
+            return None, str(exc)
         except SampleDecodeError as exc:
-            self._skip(str(exc))
-            return None
+            if count:
+                self._skip(str(exc))
+            return None, str(exc)
 
     def _emit(self, batch_samples: list[dict]) -> tuple[Batch | None, list[str]]:
         skips, self._skips = self._skips, []
@@ -188,50 +344,154 @@ class _ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Batch | None, list[str]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        self._skips = []
+        self._skips, self._pending, self._worker, self._substitutes = [], [], worker, {}
         gen = self._train_batches(worker, num_workers) if self.train else self._eval_batches(worker, num_workers)
+        # Each batch is handed out when the next one is ready, so that the skips found after a worker's
+        # last batch (trailing bad records) travel with that batch: the loader may stop after its
+        # last batch without asking for more.
+        held: list[dict] | None = None
         for batch in gen:
-            yield self._emit(batch)
+            if held is not None:
+                yield self._emit(held)
+            held = batch
+        if held is not None:
+            yield self._emit(held)
         if self._skips:
-            yield self._emit([])
+            yield self._emit([])  # a worker without batches
 
-    # -- training: infinite, shuffled, split by rank and worker, bounded to this worker's share --
-    def _train_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
-        slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
-        shards = [self.urls[i] for i in order]
-        by_shard = len(shards) >= slots
-        mine = shards[self.rank::self.world_size][worker::num_workers] if by_shard else shards
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        for _ in range(1 << 62):
-            produced, seen = 0, 0
-            for i, record in enumerate(self._records([mine[j] for j in rng.permutation(len(mine))])):
-                if not by_shard and i % slots != slot:
-                    continue
-                seen += 1
-                sample = self._decode(record)
-                if sample is not None:
-                    produced += 1
-                    yield sample
-            if produced == 0:
-                raise RuntimeError(
-                    f"training shards give no usable sample on rank {self.rank} worker {worker} "
-                    f"({seen} records seen, all skipped; label set {list(self.label_set)}): {mine}")
+    # -- training: passes partitioned across ranks (see the module docstring) --
+    def _problem(self, record: dict) -> Problem | None:
+        """None for a usable record, else why it is skipped."""
+        try:
+            record_meta(record, self.label_set)
+        except LabelOutsideSetError as exc:
+            return str(exc), logging.DEBUG
+        except SampleDecodeError as exc:
+            return str(exc), logging.WARNING
+        return None
+
+    def _note_tar_error(self, exn: Exception) -> bool:
+        self._pending.append((f"unreadable shard data: {exn!r}", logging.WARNING))
+        return True
+
+    def _rank_records(self, plan: RankPass) -> Iterator[dict]:
+        """The usable records of this rank's range, in pass order. Skipped records of the shards this
+        rank reports go to ``_pending`` (attributed to the next batch handed out, see _pass_batches)."""
+        for sl in plan.shards:
+            handler = self._note_tar_error if sl.report else _ignore
+            q = 0  # usable records of this shard so far
+            for record in wds.tarfile_samples([{"url": sl.url}], handler=handler):
+                problem = self._problem(record)
+                if problem is None and q < sl.count:
+                    pos, q = sl.start + q, q + 1
+                    if plan.lo <= pos < plan.hi:
+                        yield record
+                    elif pos >= plan.hi and not sl.report:
+                        break  # the rest of the shard belongs to later ranks, which report it
+                elif sl.report:
+                    self._pending.append(problem or (
+                        f"{record.get('__url__')}:{record.get('__key__')}: the shard has more usable samples "
+                        f"than its index.json lists ({sl.count}); stale index, re-run the conversion",
+                        logging.WARNING))
+            if sl.report and q < sl.count and self._worker == 0:
+                log.warning("shard %s gave %d usable samples, its index.json lists %d (stale index or unreadable "
+                            "data): the missing rows are padded", sl.url, q, sl.count)
+
+    def _take_pending(self) -> list[Problem]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _pass_batches(self, pass_index: int) -> Iterator[tuple[list[tuple[dict | None, bool]], list[dict], list[Problem]]]:
+        """Raw batches of this rank in pass ``pass_index``: ``(rows, pool, problems)``, exactly
+        ``pass_batches`` of them. A row is ``(record, is_pad)``; ``pool`` holds the rank's first ``B``
+        records of the pass (the padding source; a padding row of None means "no record at all");
+        ``problems`` are the skipped records read while the batch was formed (reported by the worker
+        that hands the batch out, so once)."""
+        plan = plan_rank_pass(self.urls, self.counts, seed=self.seed, pass_index=pass_index, rank=self.rank,
+                              world_size=self.world_size)
+        rng = np.random.default_rng([self.seed, pass_index, self.rank])
+        B = self.batch_size
+        pool: list[dict] = []
+        rows: list[tuple[dict | None, bool]] = []
+        held: list[tuple[dict | None, bool]] | None = None
+        made = 0
+        for record in _buffer_shuffle(self._rank_records(plan), self.shuffle_buffer, rng):
+            if len(pool) < B:
+                pool.append(record)
+            rows.append((record, False))
+            if len(rows) == B:
+                # Hold each full batch back until the next one is full, so that the skipped records
+                # read after the rank's last usable one are reported with the last real batch.
+                if held is not None:
+                    yield held, pool, self._take_pending()
+                    made += 1
+                held, rows = rows, []
+        last = [held] if held is not None else []
+        fill: list[dict | None] = list(pool) or [None]
+        k = 0
+        while made + len(last) < self.pass_batches:
+            while len(rows) < B:
+                rows.append((fill[k % len(fill)], True))
+                k += 1
+            last.append(rows)
+            rows = []
+        if rows:
+            raise RuntimeError(f"rank {self.rank} got more samples than {self.pass_batches} batches hold in pass "
+                               f"{pass_index}: the plan's counts are inconsistent ({plan.lo}..{plan.hi})")
+        for batch in last:
+            yield batch, pool, self._take_pending()
+
+    def _first_decodable(self, records: Iterator[dict]) -> dict | None:
+        return next((s for s in (self._decode(r, count=False)[0] for r in records) if s is not None), None)
+
+    def _substitute(self, pool: list[dict], pass_index: int) -> dict:
+        """A decodable sample to repeat in a padding row: the first of the pool, else the first of the
+        pass. Raises RuntimeError when the training data has no decodable usable sample at all."""
+        if pass_index not in self._substitutes:
+            found = self._first_decodable(iter(pool))
+            if found is None:  # this rank has no decodable sample in this pass: borrow one
+                order = plan_rank_pass(self.urls, self.counts, seed=self.seed, pass_index=pass_index, rank=self.rank,
+                                       world_size=self.world_size).order
+                records = wds.tarfile_samples(({"url": u} for u in order), handler=_ignore)
+                found = self._first_decodable(r for r in records if self._problem(r) is None)
+            if found is None:
+                raise RuntimeError(f"training shards have no decodable sample with a label in {list(self.label_set)} "
+                                   f"(rank {self.rank}, pass {pass_index}): {self.urls[:3]}"
+                                   f"{' ...' if len(self.urls) > 3 else ''}")
+            self._substitutes[pass_index] = found
+        return self._substitutes[pass_index]
+
+    def _train_rows(self, rows: list[tuple[dict | None, bool]], pool: list[dict], pass_index: int) -> list[dict]:
+        out = []
+        for record, pad in rows:
+            sample = None
+            if record is not None:
+                # a padding row repeats a record that its own batch reported already
+                sample, _ = self._decode(record, count=not pad)
+            if sample is None:
+                sample, pad = self._substitute(pool, pass_index), True
+            out.append(dict(sample, is_pad=pad))
+        return out
 
     def _train_batches(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
-        share = max(0, math.ceil((self.num_batches - worker) / num_workers))
-        if share == 0:
-            return
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
-        batch: list[dict] = []
-        made = 0
-        for sample in _buffer_shuffle(self._train_samples(worker, num_workers), self.shuffle_buffer, rng):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch, made = [], made + 1
-                if made == share:
-                    return
+        """Batches ``start..num_batches-1`` of epoch ``epoch`` that this worker hands out (every
+        ``num_workers``-th from ``start + worker``); earlier batches are formed but not decoded."""
+        per_pass, per_epoch = self.pass_batches, self.num_batches
+        first, end = self.epoch * per_epoch + self.start, (self.epoch + 1) * per_epoch
+        if first + worker >= end:
+            return  # no batch of this epoch is this worker's
+        last = first + worker + (end - 1 - first - worker) // num_workers * num_workers  # this worker's last
+        g = first // per_pass * per_pass  # global index of the batch being formed
+        while True:
+            pass_index = g // per_pass
+            for rows, pool, problems in self._pass_batches(pass_index):
+                if g >= first and (g - first) % num_workers == worker:
+                    for msg, level in problems:
+                        self._skip(msg, level)
+                    yield self._train_rows(rows, pool, pass_index)
+                    if g == last:
+                        return
+                g += 1
 
     # -- evaluation: each sample once across ranks, in order; short ranks padded with flagged copies --
     def _eval_batches(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
@@ -240,7 +500,8 @@ class _ShardStream(IterableDataset):
         filler: dict | None = None
         for i, record in enumerate(self._records(self.urls)):
             try:
-                label = try_normalize_label(json.loads(record.get("json", b"null")).get("label"), self.label_set)
+                meta = json.loads(record.get("json", b"null"))
+                label = try_normalize_label(meta.get("label"), self.label_set)
             except (ValueError, AttributeError, UnicodeDecodeError):
                 label = None
             if label is None:
@@ -254,10 +515,14 @@ class _ShardStream(IterableDataset):
             m = (j - 1) // self.world_size  # position among this rank's samples
             if (m // self.batch_size) % num_workers != worker:
                 continue
-            sample = self._decode(record)
-            if sample is not None:
-                batch.append(sample)
+            sample, error = self._decode(record)
+            if sample is None:
+                # Keep the row: dropping it could leave this rank with fewer (or empty) batches than the
+                # others, and ranks of a sharded model hang when their step counts differ.
+                sample = placeholder_sample(str(record.get("__key__")), label, self.sample_rate, error, meta)
+            else:
                 filler = sample
+            batch.append(sample)
             if (m + 1) % self.batch_size == 0:
                 yield batch
                 batch = []
@@ -271,12 +536,12 @@ class _ShardStream(IterableDataset):
         most = math.ceil(math.ceil(j / self.world_size) / self.batch_size) if self.world_size > 1 else own_batches
         for k in range(own_batches, most):
             if k % num_workers == worker:
-                filler = filler or self._first_sample()
-                if filler is not None:
-                    yield [dict(filler, is_pad=True)]
+                filler = filler or self._first_sample() or placeholder_sample(
+                    "<padding>", self.label_set[0], self.sample_rate)
+                yield [dict(filler, is_pad=True, error=None)]
 
     def _first_sample(self) -> dict | None:
-        for record in self._records(self.urls):
+        for record in wds.tarfile_samples(({"url": u} for u in self.urls), handler=_ignore):
             try:
                 return decode_record(record, **self.decode_kw)
             except SampleDecodeError:
@@ -290,12 +555,14 @@ def _identity(x: Any) -> Any:
 
 class ShardLoader:
     """An iterable of batches for one rank: wraps a DataLoader over a _ShardStream, counts skipped samples
-    into ``counter[name]`` and, for training, tracks (epoch, batches handed out) for resuming."""
+    into ``counter[name]`` and, for training, tracks (epoch, batches handed out) for resuming.
+
+    ``layout``: the training stream's LAYOUT_KEYS values, saved with the position and checked on load."""
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, counter: Counter, name: str,
-                 length: int | None) -> None:
+                 length: int | None, layout: dict[str, Any] | None = None) -> None:
         self.stream, self.num_workers, self.counter, self.name = stream, num_workers, counter, name
-        self.length = length
+        self.length, self.layout = length, dict(layout or {})
         self.epoch, self.batches = 0, 0
         self._resume_skip = 0
 
@@ -304,39 +571,65 @@ class ShardLoader:
             raise TypeError(f"number of batches of {self.name!r} is unknown (no index.json for its shards)")
         return self.length
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, **self.layout}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` (see the module docstring); ValueError when the layout cannot reproduce it."""
+        if self.stream.train:
+            if int(state.get("batches", 0)) > 0 and not any(k in state for k in LAYOUT_KEYS):
+                log.warning("the saved training stream position %s has no layout (an older checkpoint): assuming "
+                            "the same world size, batch size, seed and data", state)
+            check_resume_layout(state, self.layout)
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self._resume_skip = self.batches
 
     def __iter__(self) -> Iterator[Batch]:
         self.stream.epoch = self.epoch
         skip, self._resume_skip = self._resume_skip, 0
-        self.batches = 0
+        train = self.stream.train
+        # Training workers skip the first batches themselves (without decoding them); evaluation
+        # streams are replayed and the first batches dropped here.
+        self.stream.start = skip if train else 0
+        handed = skip if train else 0
+        dropped = 0 if train else skip
+        self.batches = handed
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             persistent_workers=False)
-        delivered = 0
+        skipped, summarised = 0, False
         for batch, skips in loader:
             if skips:
                 self.counter[self.name] += len(skips)
+                skipped += len(skips)
             if batch is None:
                 continue
-            delivered += 1
-            if delivered <= skip:
+            if dropped > 0:
+                dropped -= 1
                 continue
-            self.batches = delivered
+            handed += 1
+            self.batches = handed
             batch["waveforms"] = [torch.from_numpy(w) for w in batch["waveforms"]]
-            if self.stream.train and self.length is not None and delivered >= self.length:
-                # Lightning stops after len() batches without exhausting this generator, so the
-                # epoch must advance here, or every epoch would replay the same shuffle.
+            # Lightning stops after len() batches without exhausting this generator: what must happen at
+            # the end of the epoch happens when its last batch is handed out.
+            if self.length is not None and handed >= self.length and not summarised:
+                self._summary(skipped)
+                summarised = True
+            if train and self.length is not None and handed >= self.length:
+                # the epoch advances here, or every epoch would replay the same shuffle
                 self.epoch, self.batches = self.epoch + 1, 0
                 yield batch
                 return
             yield batch
-        if self.stream.train:
+        if train:
             self.epoch, self.batches = self.epoch + 1, 0
+        if not summarised:
+            self._summary(skipped)
+
+    def _summary(self, skipped: int) -> None:
+        if skipped:
+            log.warning("%s: %d sample(s) skipped on rank %d (see the warnings above)", self.name, skipped,
+                        self.stream.rank)
+
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -351,7 +644,8 @@ class ShardDataModule(L.LightningDataModule):
         max_duration: longer audio is cropped to its first ``max_duration`` seconds (None: keep all).
         eval_batch_size: batch size of valid/test (default: batch_size).
         shuffle_buffer: samples in the training shuffle buffer.
-        epoch_length: training batches per rank per epoch (default ceil(num_samples / (batch_size * R))).
+        epoch_length: training batches per rank per epoch (default: one pass, ceil(ceil(U / R) / batch_size)
+            for U usable samples and R ranks).
     """
 
     def __init__(
@@ -409,24 +703,24 @@ class ShardDataModule(L.LightningDataModule):
         """The training loader for one rank (explicit rank/world_size override the trainer's, for tests)."""
         r, ws = self.distributed_info()
         rank, world_size = (r if rank is None else rank), (ws if world_size is None else world_size)
-        urls, num_samples, counts = resolve_shards(self._source("train", self.train_source))
-        usable = count_in_label_set(counts, num_samples, self.label_set)
-        if self.epoch_length is not None:
-            num_batches = self.epoch_length
-        elif usable is None:
-            raise ValueError(f"train source {self.train_source!r} has no index.json covering its shards: "
-                             "set epoch_length")
-        elif usable == 0:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        urls, _, _ = resolve_shards(self._source("train", self.train_source))
+        counts = shard_usable_counts(urls, self.label_set)
+        total = sum(counts)
+        if total == 0:
             raise ValueError(f"train source {self.train_source!r} has no sample with a label in "
-                             f"{list(self.label_set)} (label_counts: {counts})")
-        else:
-            num_batches = math.ceil(usable / (self.batch_size * world_size))
+                             f"{list(self.label_set)} ({len(urls)} shard(s))")
+        pass_batches = batches_per_pass(total, world_size, self.batch_size)
+        num_batches = self.epoch_length or pass_batches
         stream = _ShardStream(urls, train=True, batch_size=self.batch_size, rank=rank, world_size=world_size,
                               sample_rate=self.sample_rate, max_duration=self.max_duration,
                               label_set=self.label_set, seed=self.seed, num_batches=num_batches,
-                              shuffle_buffer=self.shuffle_buffer)
+                              shuffle_buffer=self.shuffle_buffer, counts=counts, pass_batches=pass_batches)
+        layout = {"world_size": world_size, "batch_size": self.batch_size, "seed": self.seed, "samples": total,
+                  "epoch_length": self.epoch_length}
         return ShardLoader(stream, num_workers=self.num_workers, counter=self.skipped, name="train",
-                           length=num_batches)
+                           length=num_batches, layout=layout)
 
     def build_eval_loader(self, source: str, name: str, rank: int | None = None,
                           world_size: int | None = None) -> ShardLoader:
@@ -464,15 +758,18 @@ class ShardDataModule(L.LightningDataModule):
         return self.test_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "batches"}`` of the training stream (batches handed out in the current epoch)."""
+        """The training stream's position: ``{"epoch", "batches"}`` (batches handed out in the current
+        epoch) and the layout it depends on (see the module docstring)."""
         if self._train_loader is not None:
             return self._train_loader.state_dict()
         return dict(self._pending_state or {"epoch": 0, "batches": 0})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training stream (checked against the current layout when the loader is built)."""
         if not state_dict:
             return
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state_dict)
         else:
-            self._pending_state = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+            self._pending_state = dict(state_dict, epoch=int(state_dict["epoch"]),
+                                       batches=int(state_dict["batches"]))

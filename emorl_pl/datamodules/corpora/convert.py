@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from emorl_pl.audio import AudioReadError, decode_audio, load_audio
 from emorl_pl.datamodules.corpora.common import Plan, PlannedUtterance
-from emorl_pl.datamodules.shards import INDEX_NAME, AudioSample, SplitWriter
+from emorl_pl.datamodules.shards import INDEX_NAME, AudioSample, SplitWriter, is_partial_split
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4a")
 SIBLING_SUFFIXES = (".wav", ".flac")
@@ -94,6 +94,20 @@ def existing_outputs(out_dir: Path, splits: list[str]) -> list[Path]:
             if any((out_dir / s).glob("shard-*.tar")) or (out_dir / s / INDEX_NAME).exists()]
 
 
+def refusal_message(taken: list[Path]) -> str:
+    """Why a conversion into ``taken`` (folders with shards or an index) is refused, and what to do."""
+    partial = [p for p in taken if is_partial_split(p)]
+    complete = [p for p in taken if p not in partial]
+    parts = []
+    if complete:
+        parts.append(f"refusing to overwrite existing shards in {', '.join(map(str, complete))}")
+    if partial:
+        # A conversion that stopped early leaves shards without index.json (written only on success).
+        parts.append(f"{', '.join(map(str, partial))} "
+                     f"{'holds' if len(partial) == 1 else 'hold'} a partial conversion (no {INDEX_NAME})")
+    return "; ".join(parts) + ": rerun with --overwrite (overwrite=True) to replace them"
+
+
 def convert_plan(
     plan: Plan,
     out_dir: str | Path,
@@ -110,15 +124,16 @@ def convert_plan(
     """Write every split of ``plan`` under ``out_dir``; returns ``{split: index}`` (with ``skipped_files``).
 
     Refuses (ConversionError naming the folders) when a split folder already has shards and not
-    ``overwrite``; checks FFmpeg needs up front. Also writes ``out_dir/conversion.json`` (the summary).
+    ``overwrite``, saying which hold a partial conversion; checks FFmpeg needs up front. A split's
+    index.json is written only when the split was written to the end. Also writes
+    ``out_dir/conversion.json`` (the summary).
     """
     out_dir = Path(out_dir)
     splits = plan.splits()
     if not overwrite:
         taken = existing_outputs(out_dir, splits)
         if taken:
-            raise ConversionError(f"refusing to overwrite existing shards in {', '.join(map(str, taken))}; "
-                                  "pass --overwrite (overwrite=True) to replace them")
+            raise ConversionError(refusal_message(taken))
     if plan.utterances and not any(resolve_audio(u.path).is_file() for u in plan.utterances):
         raise ConversionError(f"none of the {len(plan.utterances)} planned audio files exists (e.g. "
                               f"{plan.utterances[0].path}); check the audio root / corpus folder")
