@@ -2,8 +2,15 @@
 
 Every reward is a callable ``fn(completions, labels, **columns) -> list[float | None]`` where ``labels``
 are canonical gold labels, one per completion, and ``None`` means "not applicable" (left out of that
-reward's mean and of the weighted total). The trainer always passes ``progress`` (fraction of training
-done, in [0, 1]) as a column; rewards that do not need it ignore ``**columns``.
+reward's mean and of the weighted total). The trainer passes every per-utterance column of the batch,
+one entry per completion (``keys``/``key``, ``texts``/``transcript``, ``speaker``, ``corpus``, ``meta``,
+``group``, ...) and ``progress`` (fraction of training done, in [0, 1]); rewards ignore the columns they
+do not need through ``**columns``.
+
+Built-in rewards are named (``eswr``, ``format``, ``accuracy``; ``register_reward`` adds names). A
+reward of your own needs no registration: name it in the config by ``class_path`` (a class, built with
+its ``init_args`` plus ``labels`` / ``mode`` when its ``__init__`` takes them, or a plain function),
+imported when the ``RewardSet`` is built.
 
 ESWR (EMO-RL, Li et al. 2025) for a prediction p, gold g, similarity S, threshold gamma and weight
 alpha::
@@ -18,6 +25,9 @@ the reward becomes plain accuracy by the end.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,20 +179,160 @@ class AccuracyReward:
         ]
 
 
-def build_reward(name_or_spec: str | Mapping[str, Any], labels: Sequence[str] | str, mode: str) -> RewardFn:
-    """A reward from its registered name, or from ``{"name": ..., **kwargs}`` (kwargs go to the class)."""
-    if isinstance(name_or_spec, str):
-        name, kwargs = name_or_spec, {}
-    elif isinstance(name_or_spec, Mapping):
-        if "name" not in name_or_spec:
-            raise ValueError(f"reward spec {dict(name_or_spec)} has no 'name' key")
-        kwargs = {k: v for k, v in name_or_spec.items() if k != "name"}
-        name = name_or_spec["name"]
+def import_object(path: str) -> Any:
+    """The object at the dotted ``module.attr`` path (``my_rewards.LengthPenalty``), imported on demand."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ImportError("expected a dotted path 'module.name'")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def accepts(fn: Callable[..., Any], param: str) -> bool:
+    """Whether ``fn`` (a class: its ``__init__``) takes a keyword ``param``, by name or through ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): pass nothing extra
+        return False
+    if param in params and params[param].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _check_binds(cls: type, kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse options the class does not take, or required ones that are missing, now and naming the
+    reward, rather than with a bare TypeError from deep in the CLI."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{where}: {_qualname(cls)}{_plain(sig)} cannot be built with {sorted(kwargs)}: {e}") from None
+
+
+def _check_named(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> None:
+    """Every option given to a function must be one of its named parameters."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    named = {n for n, p in sig.parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    unknown = sorted(set(kwargs) - named)
+    if unknown:
+        raise ValueError(f"{where}: {_qualname(fn)}{_plain(sig)} cannot take {unknown}: not parameters of the "
+                         "function (init_args must name them)")
+
+
+def _check_call_signature(fn: RewardFn, where: str) -> None:
+    """The trainer calls ``fn(completions, labels, **columns)`` with every batch column, so a reward must
+    take two positional arguments and ``**columns``; checked when the set is built, not at the first step."""
+    if not callable(fn):
+        raise TypeError(f"{where}: {type(fn).__name__} object is not callable; a reward is "
+                        "fn(completions, labels, **columns) -> list[float | None]")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        raise TypeError(f"{where}: {_qualname(fn)}{_plain(sig)} must accept **columns: the trainer passes every batch "
+                        "column (keys, transcript, speaker, corpus, meta, group, progress, ...)")
+    # Required keyword-only parameters name columns (``*, transcript``): the trainer supplies those.
+    columns = {name: None for name, p in sig.parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty}
+    try:
+        sig.bind([], [], **columns)
+    except TypeError as e:
+        raise TypeError(f"{where}: {_qualname(fn)}{_plain(sig)} cannot be called as fn(completions, labels): {e}") from None
+
+
+def _plain(sig: inspect.Signature) -> str:
+    """A signature without annotations, short enough for an error message: ``(value=1.0)``."""
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=empty))
+
+
+def _qualname(obj: Any) -> str:
+    obj = obj.func if isinstance(obj, functools.partial) else obj
+    target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def instantiate_reward(
+    obj: Any, init_args: Mapping[str, Any], labels: Sequence[str] | str, mode: str, where: str
+) -> RewardFn:
+    """A reward from a class (built with ``init_args``, plus ``labels`` / ``mode`` when its ``__init__``
+    takes them) or a function (``init_args`` bound as keyword arguments)."""
+    if inspect.isclass(obj):
+        # None counts as not given: jsonargparse fills a parameter without a default with None.
+        injected = {k: v for k, v in (("labels", labels), ("mode", mode))
+                    if init_args.get(k) is None and accepts(obj, k)}
+        kwargs = {**init_args, **injected}
+        _check_binds(obj, kwargs, where)
+        fn = obj(**kwargs)
+    elif callable(obj):
+        # A reward function always has **columns, which would swallow a misspelt option: name them.
+        _check_named(obj, init_args, where)
+        fn = functools.partial(obj, **init_args) if init_args else obj
     else:
+        raise TypeError(f"{where}: {obj!r} is neither a class nor a function")
+    _check_call_signature(fn, where)
+    return fn
+
+
+def _normalize_spec(name_or_spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, spec without name): a plain string is a registered name, or a dotted ``module.attr`` path."""
+    if isinstance(name_or_spec, str):
+        if name_or_spec not in REWARDS and "." in name_or_spec:
+            return name_or_spec, {"class_path": name_or_spec}
+        return name_or_spec, {}
+    if not isinstance(name_or_spec, Mapping):
         raise TypeError(f"reward must be a name or a mapping with 'name', got {type(name_or_spec).__name__}")
+    spec = {k: v for k, v in name_or_spec.items() if k != "name"}
+    if "name" in name_or_spec:
+        return str(name_or_spec["name"]), spec
+    if isinstance(spec.get("class_path"), str):  # unnamed: named after the class / function
+        return spec["class_path"].rpartition(".")[2], spec
+    raise ValueError(f"reward spec {dict(name_or_spec)} has no 'name' key (nor a class_path)")
+
+
+def build_reward(name_or_spec: str | Mapping[str, Any], labels: Sequence[str] | str, mode: str) -> RewardFn:
+    """A reward from its registered name, ``{"name": ..., **kwargs}`` (kwargs go to the class), or
+    ``{"name": ..., "class_path": "module.Class_or_function", "init_args": {...}}`` for a user's own
+    reward, imported when the set is built (no registration needed)."""
+    name, spec = _normalize_spec(name_or_spec)
+    where = f"rewards.{name}"
+    labels = get_label_set(labels)  # a user's class gets the label tuple, never a set's name
+    init_args = spec.pop("init_args", None) or {}
+    if not isinstance(init_args, Mapping):
+        raise TypeError(f"{where}.init_args must be a mapping of options, got {type(init_args).__name__}")
+    class_path = spec.pop("class_path", None)
+    if class_path is not None:
+        if spec:
+            raise ValueError(f"{where}: unexpected keys {sorted(spec)} next to class_path; put the reward's "
+                             "options under init_args (and its weight under weight)")
+        try:
+            obj = import_object(str(class_path))
+        except ImportError as e:
+            hint = ""
+            top = str(class_path).split(".")[0]
+            if isinstance(e, ModuleNotFoundError) and e.name == top:
+                hint = f" (is the folder holding {top!r} on PYTHONPATH? e.g. PYTHONPATH=. emorl fit ...)"
+            raise ValueError(f"{where}.class_path {class_path!r} could not be imported: {e}{hint}") from e
+        return instantiate_reward(obj, dict(init_args), labels, mode, where)
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](labels=labels, mode=mode, **kwargs)
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))} "
+                         "(or give class_path: module.ClassOrFunction for your own)")
+    duplicated = sorted(set(spec) & set(init_args))
+    if duplicated:
+        raise ValueError(f"{where}: {duplicated} given both directly and under init_args")
+    return instantiate_reward(REWARDS[name], {**spec, **init_args}, labels, mode, where)
 
 
 @dataclass
@@ -206,42 +356,54 @@ class RewardSet:
     """Named rewards with weights, built from config.
 
     ``rewards`` is ``{name: weight}`` (e.g. ``{"eswr": 1.0, "format": 1.0}``), ``{name: {"weight": w,
-    **kwargs}}``, or a list of names / ``{"name": ..., "weight": w, **kwargs}`` specs (weight 1 if not
-    given).
+    **kwargs}}``, ``{name: {"class_path": "module.Class", "init_args": {...}, "weight": w}}`` for a
+    reward of your own, or a list of names / ``{"name": ..., "weight": w, **kwargs}`` specs (weight 1 if
+    not given). A value may also be a reward object itself (weight 1), and a jsonargparse Namespace
+    stands for its dict: LightningCLI passes one of these for a ``class_path`` block without ``weight``
+    when the field is typed ``Any``.
     """
 
     def __init__(
         self,
-        rewards: Mapping[str, float | Mapping[str, Any]] | Sequence[str | Mapping[str, Any]],
+        rewards: Mapping[str, float | Mapping[str, Any] | RewardFn] | Sequence[str | Mapping[str, Any]],
         labels: Sequence[str] | str,
         mode: str = "esr",
     ) -> None:
-        specs: list[dict[str, Any]] = []
+        specs: list[tuple[str, dict[str, Any]]] = []
         if isinstance(rewards, Mapping):
             for name, value in rewards.items():
-                spec = dict(value) if isinstance(value, Mapping) else {"weight": value}
-                specs.append({"name": name, **spec})
+                value = _plain_spec(value)
+                if isinstance(value, Mapping):
+                    specs.append((str(name), dict(value)))
+                elif callable(value):
+                    specs.append((str(name), {"fn": value}))
+                else:
+                    specs.append((str(name), {"weight": value}))
         else:
-            specs = [{"name": r} if isinstance(r, str) else dict(r) for r in rewards]
+            specs = [_normalize_spec(_plain_spec(r)) for r in rewards]
         if not specs:
             raise ValueError("reward set is empty; give at least one reward, e.g. {'eswr': 1.0}")
         self.fns: dict[str, RewardFn] = {}
         self.weights: dict[str, float] = {}
-        for spec in specs:
-            weight = float(spec.pop("weight", 1.0))
-            fn = build_reward(spec, labels, mode)
-            if spec["name"] in self.fns:
-                raise ValueError(f"reward {spec['name']!r} is listed twice")
-            self.fns[spec["name"]] = fn
-            self.weights[spec["name"]] = weight
+        for name, spec in specs:
+            if name in self.fns:
+                raise ValueError(f"reward {name!r} is listed twice")
+            self.weights[name] = _weight(spec.pop("weight", 1.0), name)
+            if "fn" in spec:
+                _check_call_signature(spec["fn"], f"rewards.{name}")
+                self.fns[name] = spec["fn"]
+            else:
+                self.fns[name] = build_reward({"name": name, **spec}, labels, mode)
 
     def __call__(self, completions: list[str], labels: list[str], **columns: Any) -> RewardOutput:
-        per_reward = {name: list(fn(completions, labels, **columns)) for name, fn in self.fns.items()}
-        for name, values in per_reward.items():
-            if len(values) != len(completions):
-                raise ValueError(
-                    f"reward {name!r} returned {len(values)} values for {len(completions)} completions"
-                )
+        per_reward = {}
+        for name, fn in self.fns.items():
+            try:
+                values = fn(completions, labels, **columns)
+            except Exception as e:  # the traceback alone may not say which configured reward failed
+                e.add_note(f"in reward {name!r} (rewards.{name})")
+                raise
+            per_reward[name] = _check_values(name, values, len(completions))
         total = []
         for i in range(len(completions)):
             terms = [self.weights[n] * r[i] for n, r in per_reward.items() if r[i] is not None]
@@ -249,3 +411,35 @@ class RewardSet:
         return RewardOutput(total=total, per_reward=per_reward)
 
     means = staticmethod(means)
+
+
+def _plain_spec(value: Any) -> Any:
+    """A jsonargparse Namespace as a dict: LightningCLI hands over a ``class_path`` block without
+    ``weight`` as a Namespace when the field is typed ``Any`` (with the class's defaults filled in)."""
+    return value.as_dict() if callable(getattr(value, "as_dict", None)) and not isinstance(value, Mapping) else value
+
+
+def _weight(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"rewards.{name}.weight must be a number, got {value!r}") from None
+
+
+def _check_values(name: str, values: Any, n: int) -> list[float | None]:
+    """A reward's output as floats / None: one per completion, numbers only (numpy / torch scalars and
+    bools are converted), so that a wrong type fails here, naming the reward, not deep in the loss."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise ValueError(f"reward {name!r} returned {type(values).__name__}, expected a list of "
+                         f"{n} floats or None") from None
+    if len(values) != n:
+        raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        try:
+            out.append(None if v is None else float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"reward {name!r} returned {v!r} for completion {i}; expected a float or None") from None
+    return out

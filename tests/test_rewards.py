@@ -173,3 +173,22 @@ def test_reward_set_errors():
         RewardSet({}, LABELS, "esr")
     rs = RewardSet(["format"], "iemocap4", "ir")
     assert rs.weights == {"format": 1.0}
+
+
+def test_registered_class_gets_labels_and_mode_only_if_it_takes_them():
+    @register_reward("test_plain")
+    class Plain:
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def __call__(self, completions, labels, **columns):
+            return [self.scale] * len(completions)
+
+    try:
+        rs = RewardSet({"test_plain": {"weight": 2.0, "scale": 0.25}, "eswr": 1.0}, "iemocap4", "esr")
+        assert rs.fns["test_plain"].scale == 0.25
+        assert rs(["x"], ["sad"], progress=0.0).total == [0.5]
+        with pytest.raises(ValueError, match=r"rewards\.test_plain: .*Plain\(scale=1\.0\) cannot be built with \['scal'\]"):
+            RewardSet({"test_plain": {"scal": 1}}, "iemocap4", "esr")
+    finally:
+        REWARDS.pop("test_plain")
