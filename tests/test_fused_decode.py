@@ -1,6 +1,7 @@
 """FusedDecodeStep against the model's own forward (the oracle): logits per step, with LoRA on and off,
-uneven left padding, grouped-query attention (the tiny model: 4 heads, 2 KV heads); and the cases it must
-refuse, which make the policy decode with the decoder's forward instead."""
+uneven left padding, grouped-query attention (4 heads, 2 KV heads) and the real 156,032-row lm_head (the
+real-shape model); and the cases it must refuse, which make the policy decode with the decoder's forward
+instead."""
 
 import pytest
 import torch
@@ -10,16 +11,14 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from emorl_pl.modules.fused_decode import FusedDecodeStep, effective_linear, unsupported
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
-from emorl_pl.modules.tiny import build_tiny_qwen2_audio
 
 SR = 16000
 INSTRUCTION = "What is the emotion of the speaker?"
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    policy = AudioLMPolicy(str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "model")),
-                           lora=LoraSettings(r=4, alpha=8)).load()
+def policy(real_model_dir):
+    policy = AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)).load()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -46,7 +45,7 @@ def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
     n, p = mask.shape
     attention = torch.cat([mask, mask.new_ones(n, steps)], 1)
     position = mask.long().sum(-1, keepdim=True) - 1
-    tokens = torch.randint(0, 200, (n, steps), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, 151643, (n, steps), generator=torch.Generator().manual_seed(seed))  # text ids
     with torch.no_grad():
         shared = policy._shared_prefill(pe, 1)  # B rows: the fused step repeats each G times itself
         fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,

@@ -1,5 +1,6 @@
-"""AudioLMPolicy on the tiny Qwen2-Audio: prompt merge, rollout, log-probs vs the model's own forward,
-audio encoded once, LoRA scoping, reference policy, full fine-tuning, gradient checkpointing."""
+"""AudioLMPolicy on the real-shape Qwen2-Audio (tests/conftest.py): prompt merge, audio-token counts, long
+audio, rollout, log-probs vs the model's own forward, audio encoded once, LoRA scoping, reference policy,
+full fine-tuning, gradient checkpointing."""
 
 import pytest
 import torch
@@ -8,16 +9,10 @@ from transformers import Qwen2AudioForConditionalGeneration
 
 import emorl_pl.modules.policy as policy_module
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings, sample_categorical
-from emorl_pl.modules.tiny import build_tiny_qwen2_audio
 
 SR = 16000
 G = 3
 INSTRUCTION = "What is the emotion of the speaker?"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def _waves(lengths=(8000, 24000, 40000), seed=0):
@@ -49,8 +44,8 @@ def _reference_logps(model, prompts, rollout, temperature=1.0, positions=True):
 
 
 @pytest.fixture(scope="module")
-def lora_policy(tiny_dir):
-    policy = AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4, alpha=8)).load()
+def lora_policy(real_model_dir):
+    policy = AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)).load()
     _perturb_lora(policy)
     return policy
 
@@ -77,10 +72,44 @@ def test_build_prompts_pads_left_resamples_and_crops(lora_policy):
     assert prompts.attention_mask[1, 0] == 0 and prompts.attention_mask[:, -1].all()  # left padding
     text = tok.decode(prompts.input_ids[0][prompts.attention_mask[0].bool()])
     assert 'Transcript: "hello"\n' + INSTRUCTION in text and text.endswith("<|im_start|>assistant\n")
-    long = lora_policy.build_prompts(_waves((5 * SR,)), SR, INSTRUCTION)
-    assert long.feature_attention_mask.sum().item() == 200  # cropped to chunk_length = 2 s
+    assert prompts.seconds_ignored == (0.0, 0.0)
+    long = lora_policy.build_prompts(_waves((32 * SR,)), SR, INSTRUCTION)
+    assert long.feature_attention_mask.sum().item() == 3000  # cropped to chunk_length = 30 s
     with pytest.raises(ValueError, match=r"waveforms\[1\]"):
         lora_policy.build_prompts([torch.zeros(100), torch.zeros(2, 100)], SR, INSTRUCTION)
+
+
+def _audio_tokens_for(n_samples: int) -> int:
+    """Qwen2-Audio's expansion of one <|AUDIO|>: L = valid mel frames (hop 160, cropped to 30 s), then the
+    encoder's stride-2 conv and stride-2 pooling."""
+    frames = min(n_samples, 30 * SR) // 160
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def test_build_prompts_holds_one_audio_token_per_encoder_output(lora_policy):
+    # build_prompts gives its audio part an "audio" key, which the published template needs (see
+    # test_tiny_model); each prompt then holds exactly the expansion of its audio, long audio cropped to 30 s.
+    lengths = (8000, 24000, 40000, 31 * SR)
+    prompts = lora_policy.build_prompts(_waves(lengths), SR, INSTRUCTION)
+    audio_id = lora_policy.processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    assert audio_id == 151646
+    assert (prompts.input_ids == audio_id).sum(-1).tolist() == [_audio_tokens_for(n) for n in lengths] == [12, 37, 62, 750]
+    pe = lora_policy.encode_prompts(prompts)
+    assert [h.shape[0] for h in pe.audio_hidden] == [12, 37, 62, 750]  # one slot per encoder output
+
+
+def test_long_audio_is_counted_and_warned_once(real_model_dir, caplog):
+    policy = AudioLMPolicy(real_model_dir).load()
+    with caplog.at_level("WARNING", logger="emorl_pl.modules.policy"):
+        prompts = policy.build_prompts(_waves((32 * SR, SR)), SR, INSTRUCTION)
+        resampled = policy.build_prompts(_waves((33 * 8000,)), 8000, INSTRUCTION)  # 33 s at 8 kHz
+    assert prompts.seconds_ignored[0] == pytest.approx(2.0, abs=0.01) and prompts.seconds_ignored[1] == 0.0
+    assert resampled.seconds_ignored[0] == pytest.approx(3.0, abs=0.01)
+    assert prompts.feature_attention_mask.sum(-1).tolist() == [3000, 100]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 of 2 waveforms" in warnings[0].getMessage() and "30 s" in warnings[0].getMessage()
+    assert policy.cropped_utterances == 2 and policy.cropped_seconds == pytest.approx(5.0, abs=0.02)
+    assert prompts.to("cpu").seconds_ignored == prompts.seconds_ignored
 
 
 def test_rollout_shapes_groups_and_masks(lora_policy):
@@ -106,14 +135,14 @@ def test_rollout_shapes_groups_and_masks(lora_policy):
     assert lora_policy.greedy(prompts, max_new_tokens=6) == greedy.texts[::G]
 
 
-def test_audio_special_tokens_are_suppressed(tiny_dir):
-    policy = AudioLMPolicy(tiny_dir).load()
+def test_audio_special_tokens_are_suppressed(real_model_dir):
+    policy = AudioLMPolicy(real_model_dir).load()
     audio_id = policy.processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
-    with torch.no_grad():  # make <|AUDIO|> the overwhelming favourite of the raw model
-        policy.hf_model.lm_head.weight[audio_id] = 50 * policy.hf_model.model.language_model.norm.weight
     prompts = policy.build_prompts(_waves((8000,)), SR, INSTRUCTION)
     pe = policy.encode_prompts(prompts)
-    with torch.no_grad():
+    with torch.no_grad():  # make <|AUDIO|> the overwhelming favourite of the raw model after the prompt
+        last = policy.hf_model.get_decoder()(inputs_embeds=pe.inputs_embeds).last_hidden_state[0, -1]
+        policy.hf_model.lm_head.weight[audio_id] = 50 * last / last.norm()
         raw = policy.hf_model(inputs_embeds=pe.inputs_embeds, attention_mask=pe.attention_mask).logits
     assert raw[0, -1].argmax() == audio_id
     rollout = policy.rollout(pe, 4, max_new_tokens=8)
@@ -168,11 +197,11 @@ def test_lora_scoped_to_language_model(lora_policy):
     assert not any("audio_tower" in n or "projector" in n for n in lora_layers)
 
 
-def test_reference_equals_fresh_base_model(lora_policy, tiny_dir):
+def test_reference_equals_fresh_base_model(lora_policy, real_model_dir):
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
     torch.manual_seed(3)
     rollout = lora_policy.rollout(prompts, G, max_new_tokens=10)
-    base = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(real_model_dir, attn_implementation="sdpa").eval()
     expected = _reference_logps(base, prompts, rollout)
     ref = lora_policy.completion_logps(rollout, reference=True)
     assert not ref.requires_grad
@@ -181,8 +210,8 @@ def test_reference_equals_fresh_base_model(lora_policy, tiny_dir):
     assert (policy.double() - expected).abs().max() > 1e-2  # the perturbed adapters do change the policy
 
 
-def test_full_finetune_reference_is_a_hidden_frozen_copy(tiny_dir):
-    policy = AudioLMPolicy(tiny_dir, lora=None).load()
+def test_full_finetune_reference_is_a_hidden_frozen_copy(real_model_dir):
+    policy = AudioLMPolicy(real_model_dir, lora=None).load()
     model = policy.hf_model
     assert set(policy.state_dict()) == {f"model.{k}" for k in model.state_dict()}
     trainable = {id(p) for p in policy.trainable_parameters()}
@@ -201,7 +230,7 @@ def test_full_finetune_reference_is_a_hidden_frozen_copy(tiny_dir):
             p.add_(0.05 * torch.randn_like(p))
     after_ref = policy.completion_logps(rollout, reference=True)
     torch.testing.assert_close(after_ref, before, atol=1e-6, rtol=1e-6)
-    base = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(real_model_dir, attn_implementation="sdpa").eval()
     torch.testing.assert_close(after_ref.double(), _reference_logps(base, prompts, rollout), atol=1e-5, rtol=1e-5)
     moved = policy.completion_logps(rollout)
     torch.testing.assert_close(moved.double(), _reference_logps(model, prompts, rollout), atol=1e-5, rtol=1e-5)
@@ -209,8 +238,8 @@ def test_full_finetune_reference_is_a_hidden_frozen_copy(tiny_dir):
     assert model.lm_head.weight.grad is not None and model.model.multi_modal_projector.linear.weight.grad is not None
 
 
-def test_trainable_audio_tower_gets_gradients(tiny_dir):
-    policy = AudioLMPolicy(tiny_dir, lora=None, freeze_audio_tower=False).load()
+def test_trainable_audio_tower_gets_gradients(real_model_dir):
+    policy = AudioLMPolicy(real_model_dir, lora=None, freeze_audio_tower=False).load()
     prompts = policy.build_prompts(_waves((8000, 16000)), SR, INSTRUCTION)
     rollout = policy.rollout(prompts, 2, max_new_tokens=6)
     assert policy.audio_encoder_calls == 1
@@ -222,10 +251,10 @@ def test_trainable_audio_tower_gets_gradients(tiny_dir):
         logps.detach().double(), _reference_logps(policy.hf_model, prompts, rollout)[:2], atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_same_logps_and_grads(tiny_dir):
+def test_gradient_checkpointing_same_logps_and_grads(real_model_dir):
     policies = []
     for checkpointing in (False, True):
-        policy = AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4), gradient_checkpointing=checkpointing).load()
+        policy = AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4), gradient_checkpointing=checkpointing).load()
         _perturb_lora(policy, seed=5)
         policies.append(policy.train())
     prompts = policies[0].build_prompts(_waves(), SR, INSTRUCTION)
@@ -262,9 +291,9 @@ def test_build_tiny_if_missing(tmp_path):
     assert (target / "config.json").is_file() and policy.processor is not None
 
 
-def test_shared_prompt_path_equals_full_sequence_path(tiny_dir):
+def test_shared_prompt_path_equals_full_sequence_path(real_model_dir):
     # float64: the two paths sum the same terms in different orders; only a real mismatch shows at 1e-5
-    policy = AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4, alpha=8)).load()
+    policy = AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)).load()
     _perturb_lora(policy, seed=7)
     policy.double()
     prompts = policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
@@ -331,7 +360,7 @@ def test_lean_decode_greedy_equals_generate(lora_policy, group_size, fused):
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p", "fused"), [(1.0, 0, 1.0, "adapters"), (0.7, 5, 1.0, "merged"),
                                                                        (1.3, 0, 0.3, "off"), (0.8, 40, 0.5, "adapters")])
-def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, temperature, top_k, top_p, fused):
+def test_lean_decode_samples_from_hf_warped_distribution(real_model_dir, monkeypatch, temperature, top_k, top_p, fused):
     from transformers.generation.logits_process import (
         SuppressTokensLogitsProcessor,
         TemperatureLogitsWarper,
@@ -339,7 +368,7 @@ def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, 
         TopPLogitsWarper,
     )
 
-    policy = AudioLMPolicy(tiny_dir, fused_decode=fused).load()
+    policy = AudioLMPolicy(real_model_dir, fused_decode=fused).load()
     prompts = policy.build_prompts(_waves((8000,)), SR, INSTRUCTION)  # one prompt: no padding
     pe = policy.encode_prompts(prompts)
     with torch.no_grad():
@@ -367,9 +396,9 @@ def test_lean_decode_samples_from_hf_warped_distribution(tiny_dir, monkeypatch, 
     assert (seen[0][:, policy.audio_token_ids] == 0).all()
 
 
-def test_build_prompts_under_bf16_autocast(tiny_dir):
+def test_build_prompts_under_bf16_autocast(real_model_dir):
     # Lightning's bf16-mixed on CPU runs the training step under this autocast; the processor must not
-    policy = AudioLMPolicy(tiny_dir).load()
+    policy = AudioLMPolicy(real_model_dir).load()
     plain = policy.build_prompts(_waves(), SR, INSTRUCTION)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         prompts = policy.build_prompts(_waves(), SR, INSTRUCTION)
@@ -394,13 +423,17 @@ def test_sample_categorical_draws_each_index_at_its_probability():
 
 
 @pytest.mark.parametrize("fused", ["adapters", "off"])
-def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(tiny_dir, fused):
-    policy = AudioLMPolicy(tiny_dir, fused_decode=fused).load()
+def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(real_model_dir, fused):
+    policy = AudioLMPolicy(real_model_dir, fused_decode=fused).load()
     eos, pad = policy.eos_token_ids, policy.pad_token_id
-    lm_head, norm = policy.hf_model.lm_head.weight, policy.hf_model.model.language_model.norm.weight
+    lm_head = policy.hf_model.lm_head.weight
     pe = policy.encode_prompts(policy.build_prompts(_waves((8000, 24000)), SR, INSTRUCTION))
-    with torch.no_grad():
-        lm_head[eos[0]] += 0.5 * norm  # EOS likely but not certain: rows end at different steps
+    with torch.no_grad():  # the prompts' mean final hidden state: the EOS logit grows with the weight on it
+        hidden = policy.hf_model.get_decoder()(inputs_embeds=pe.inputs_embeds,
+                                               attention_mask=pe.attention_mask).last_hidden_state
+        direction = hidden[pe.attention_mask.bool()].mean(0)
+        direction /= direction.norm()
+        lm_head[eos[0]] += 3 * direction  # EOS likely but not certain among 156k tokens: rows end at different steps
     torch.manual_seed(0)
     ids = policy._decode(pe, 8, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                          synced_gpus=False)
@@ -412,7 +445,7 @@ def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(tiny_dir, fused):
         if end is not None:
             assert (row[end + 1 :] == pad).all()  # a finished row emits pad
     with torch.no_grad():
-        lm_head[eos[0]] += 50 * norm  # now every row ends at its first token
+        lm_head[eos[0]] += 50 * direction  # now every row ends at its first token
     for synced, expected_calls in ((False, 1 + 8), (True, 1 + 20)):  # shared prefill + decode steps
         calls, hook = _decoder_calls(policy)
         try:

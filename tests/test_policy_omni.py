@@ -1,33 +1,67 @@
 """AudioLMPolicy on a tiny random Qwen2.5-Omni thinker, unchanged module: model class auto-detected,
-completion log-probs vs the thinker's own forward, greedy rollout vs its argmax, audio encoded once,
-LoRA scoped to the language model, reference = base model.
+prompts through Omni's published chat template, completion log-probs vs the thinker's own forward, greedy
+rollout vs its argmax, audio encoded once, LoRA scoped to the language model, reference = base model.
 
-The thinker reuses the tiny Qwen2-Audio processor (chat template, ``<|AUDIO|>`` / ``<|audio_bos|>`` /
-``<|audio_eos|>``): both processors expand one ``<|AUDIO|>`` to ((L - 1) // 2 + 1 - 2) // 2 + 1 tokens for
-L mel frames, which is what the Omni audio tower outputs, so only the config's token ids must match.
+The thinker has the real Qwen2 BPE with Qwen2.5-Omni's special tokens at their real ids and Omni's text
+vocabulary (152,064 rows); its layers are thin and random. Its processor is a Qwen2AudioProcessor with
+Omni's published chat template: Qwen2_5OmniProcessor needs a video processor (torchvision), and both
+expand one ``<|AUDIO|>`` to ((L - 1) // 2 + 1 - 2) // 2 + 1 tokens for L mel frames, which is what the
+Omni audio tower outputs. The feature extractor has a 30 s window (Omni's own is 300 s; the policy takes
+either from the feature extractor).
 """
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from transformers import AutoProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2AudioProcessor,
+    WhisperFeatureExtractor,
+)
 
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
-from emorl_pl.modules.tiny import build_tiny_qwen2_audio
+from emorl_pl.modules.tiny import real_qwen2_tokenizer
 
 SR = 16000
 G = 2
 INSTRUCTION = "What is the emotion of the speaker?"
-VOCAB = 1024
+VOCAB = 152064  # Qwen2.5-Omni-7B thinker text_config.vocab_size
+# Qwen2.5-Omni's added tokens, in id order from the end of the Qwen2 BPE (151643).
+OMNI_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+                       "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
+                       "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>")
+OMNI_IDS = {token: 151643 + i for i, token in enumerate(OMNI_SPECIAL_TOKENS)}
+# Qwen2.5-Omni-7B's chat template as published (it accepts an audio part by its type or by an audio key).
+OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
 def omni_dir(tmp_path_factory):
     """A tiny thinker: text 2 layers x 64, audio tower 2 layers x 64, a 1-block vision tower (unused)."""
     root = tmp_path_factory.mktemp("omni")
-    processor = AutoProcessor.from_pretrained(build_tiny_qwen2_audio(root / "qwen2_audio", vocab_size=VOCAB))
-    ids = {t: processor.tokenizer.convert_tokens_to_ids(t)
-           for t in ("<|endoftext|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")}
+    tokenizer = real_qwen2_tokenizer(OMNI_IDS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    feature_extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SR, hop_length=160, n_fft=400,
+                                                chunk_length=30)
+    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                    chat_template=OMNI_CHAT_TEMPLATE)
     config = Qwen2_5OmniThinkerConfig(
         audio_config={
             "d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 128,
@@ -41,12 +75,14 @@ def omni_dir(tmp_path_factory):
             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
             # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width)
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+            "eos_token_id": OMNI_IDS["<|im_end|>"], "pad_token_id": OMNI_IDS["<|endoftext|>"],
         },
-        audio_token_index=ids["<|AUDIO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=VOCAB - 1,  # read by get_rope_index even for audio-only input; never present
+        audio_token_index=OMNI_IDS["<|AUDIO|>"],
+        audio_start_token_id=OMNI_IDS["<|audio_bos|>"],
+        audio_end_token_id=OMNI_IDS["<|audio_eos|>"],
+        image_token_index=OMNI_IDS["<|IMAGE|>"],
+        video_token_index=OMNI_IDS["<|VIDEO|>"],
+        vision_start_token_id=OMNI_IDS["<|vision_bos|>"],  # read by get_rope_index even for audio-only input
     )
     torch.manual_seed(0)
     model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
@@ -112,6 +148,20 @@ def test_model_class_detected_from_model_type(full_policy, omni_dir):
     tok = full_policy.processor.tokenizer
     assert full_policy.audio_token_ids == sorted(
         tok.convert_tokens_to_ids(t) for t in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"))
+
+
+def test_prompts_through_omni_template_hold_one_audio_token_per_tower_output(full_policy):
+    tok = full_policy.processor.tokenizer
+    assert full_policy.processor.chat_template == OMNI_CHAT_TEMPLATE
+    assert {t: tok.convert_tokens_to_ids(t) for t in OMNI_IDS} == OMNI_IDS
+    prompts = full_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    expected = [((n // 160 - 1) // 2 + 1 - 2) // 2 + 1 for n in (8000, 24000)]  # L = n // 160 mel frames
+    assert (prompts.input_ids == OMNI_IDS["<|AUDIO|>"]).sum(-1).tolist() == expected == [12, 37]
+    text = tok.decode(prompts.input_ids[1][prompts.attention_mask[1].bool()])
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|audio_bos|>"
+                    + "<|AUDIO|>" * 37 + f"<|audio_eos|>{INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+    pe = full_policy.encode_prompts(prompts)
+    assert [h.shape[0] for h in pe.audio_hidden] == expected
 
 
 @pytest.mark.parametrize(("which", "temperature"), [("full_policy", 1.0), ("lora_policy", 0.7)])

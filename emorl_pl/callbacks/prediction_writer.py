@@ -1,4 +1,5 @@
-"""Write ``emorl predict`` results as JSONL: one line per input (key/path, emotion, reasoning, raw text)."""
+"""Write ``emorl predict`` results as JSONL: one line per input (key/path, emotion, reasoning, raw text, and
+``seconds_ignored``: the audio past the model's encoder window that it never heard)."""
 
 from __future__ import annotations
 

@@ -124,14 +124,17 @@ def _identity(x: Any) -> Any:
 
 
 class AudioFilesDataModule(L.LightningDataModule):
-    """``emorl predict`` input: ``paths`` is a folder, a glob (``data/**/*.wav``) or a list of files."""
+    """``emorl predict`` input: ``paths`` is a folder, a glob (``data/**/*.wav``) or a list of files.
+
+    ``max_duration`` (seconds, None: whole files) crops here; by default nothing is, and the policy crops
+    to its encoder's window (30 s for Qwen2-Audio), recording each file's ``seconds_ignored``."""
 
     def __init__(
         self,
         paths: str | list[str],
         label_set: str | list[str] = "iemocap4",
         sample_rate: int = 16000,
-        max_duration: float | None = 30.0,
+        max_duration: float | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
     ) -> None:

