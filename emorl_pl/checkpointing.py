@@ -9,16 +9,35 @@ A sharded checkpoint (``ModelParallelStrategy`` / ``FSDP2Strategy``) is a folder
 a ``.metadata`` index and ``meta.pt`` (loop, scheduler, callback and datamodule state). Consolidate it:
 
     emorl-export --consolidate runs/x/checkpoints/last.ckpt --out last-full.ckpt
+
+Exact resume (``--ckpt_path``, after a crash or SIGKILL): the resumed run ends with bitwise the same
+weights, optimizer state and LR on every rank as the uninterrupted one (tests/test_checkpoint.py,
+tests/test_distributed.py). What makes it so:
+
+- a checkpoint holds the trainable weights, the optimizer and scheduler states, Lightning's loop
+  counters, the data stream's position (``ShardDataModule.state_dict``: epoch and batches handed out;
+  the order is a pure function of the seed, so the resumed loader replays the epoch and drops them),
+  the accumulation counter and the cold-start state (``GRPOModule.on_save_checkpoint``);
+- randomness is not carried over but made a function of where training is: each training step runs in
+  ``seeded_rng`` with a seed from (sampling seed, step, accumulation index, rank), so no draw depends on
+  the global RNG's history (dropout masks, sampling), which no checkpoint holds;
+- a checkpoint is never taken in the middle of an accumulation window: ``GRPOModule`` refuses one with a
+  message (the window's generations and partial gradients are not saved). Step-based checkpoints come
+  after optimizer steps, and a window closes at the end of each epoch, so epoch-end ones do too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -150,3 +169,28 @@ def policy_state_dict(checkpoint: dict[str, Any], prefix: str = "policy.") -> di
     if not state:
         raise KeyError(f"checkpoint 'state_dict' has no key starting with {prefix!r}")
     return state
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block with torch's (CPU, and ``device``'s when it is a GPU), numpy's and python's global RNGs
+    seeded by ``seed``; their states are restored on exit.
+
+    For exact resume: the draws inside (dropout masks, sampling) then depend on ``seed`` only, not on what
+    ran before in the process, which no checkpoint records (a resumed process has consumed different
+    draws: its own start-up, a replayed data epoch, ...).
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    gpus = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.random.default_generator.manual_seed(seed)
+        for gpu in gpus:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -263,6 +263,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
+    num_sequences: int | float | Tensor | None = None,
     importance_sampling_level: str = "token",
 ) -> tuple[Tensor, GRPOStats]:
     """Clipped GRPO surrogate with optional k3 KL penalty; returns (scalar loss, stats).
@@ -274,16 +275,17 @@ def grpo_loss(
         ratio_n = exp(sum_t m (logp - old) / max(sum_t m, 1))   ("sequence" level, GSPO; one per row)
         l       = -min(ratio * A_n, clamp(ratio, 1 - eps_low, 1 + eps_high) * A_n) + beta * k3(logp, ref)
 
-    Aggregation with mask m:
+    Aggregation with mask m over the N rows given here:
 
-        grpo:    mean_n [ sum_t m l / max(sum_t m, 1) ]
-        bnpo:    sum m l / max(sum m, 1)
-        dr_grpo: sum m l / (N * max_completion_length)
-        dapo:    sum m l / num_items_in_batch
+        grpo:    sum_n [ sum_t m l / max(sum_t m, 1) ] / S
+        bnpo:    sum m l / I
+        dr_grpo: sum m l / (S * max_completion_length)
+        dapo:    sum m l / I
 
-    ``num_items_in_batch`` counts the active tokens of the whole accumulation window; when the strategy
-    averages gradients over R ranks and the count is global, pass count / R (as TRL does). For
-    grpo/bnpo/dr_grpo the caller divides by the number of accumulation steps.
+    with S = ``num_sequences`` (default N: the mean over these rows) and I = ``num_items_in_batch``
+    (default for bnpo: sum m, these rows' active tokens; required for dapo). Pass the counts of a larger
+    batch to score its micro-batches so that their losses add up to the batch's loss:
+    ``loss_normalizer`` gives them for an accumulation window on R ranks, as TRL normalises.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -328,12 +330,13 @@ def grpo_loss(
     per_token = per_token.expand_as(logps)
 
     total = (per_token * m).sum()
+    seqs = n_seq if num_sequences is None else num_sequences
     if loss_type == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / seqs
     elif loss_type == "bnpo":
-        loss = total / m.sum().clamp(min=1.0)
+        loss = total / (m.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch)
     elif loss_type == "dr_grpo":
-        loss = total / (n_seq * max_completion_length)
+        loss = total / (seqs * max_completion_length)
     else:
         loss = total / num_items_in_batch
 
@@ -356,3 +359,34 @@ def grpo_loss(
             num_tokens=n_tok,
         )
     return loss, stats
+
+
+def loss_normalizer(
+    loss_type: str,
+    *,
+    step_tokens: float,
+    window_sequences: float,
+    window_tokens: float,
+    world_size: int = 1,
+    num_steps: int = 1,
+) -> dict[str, float]:
+    """``grpo_loss`` keyword counts that make the micro-batch losses of one accumulation window, summed
+    over its ``num_steps`` batches and averaged over ``world_size`` ranks (DDP / FSDP average gradients),
+    equal TRL 1.16's ``GRPOTrainer._compute_loss``:
+
+        grpo, dr_grpo:  S = window_sequences / R     (TRL: mean over a batch's rows, / accumulation steps)
+        dapo:           I = window_tokens / R        (TRL: num_items_in_batch / num_processes)
+        bnpo:           I = step_tokens * num_steps  (TRL: this rank's batch tokens, / accumulation steps)
+
+    ``window_*`` are summed over the window's batches and all ranks; ``step_tokens`` counts this rank's
+    current batch only. Rows that dynamic sampling drops count in none of them (they get zero weight),
+    so a rank that drops every group adds nothing and the others keep their scale. Counts are clamped
+    to >= 1 (an empty window has zero loss anyway).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type in ("grpo", "dr_grpo"):
+        return {"num_sequences": max(float(window_sequences), 1.0) / world_size}
+    if loss_type == "dapo":
+        return {"num_items_in_batch": max(float(window_tokens), 1.0) / world_size}
+    return {"num_items_in_batch": max(float(step_tokens), 1.0) * num_steps}

@@ -247,8 +247,8 @@ def _ref_loss(
         active += cnt
     if loss_type == "grpo":
         return sum(rows) / n
-    if loss_type == "bnpo":
-        return total / max(active, 1.0)
+    if loss_type == "bnpo":  # the given batch count, else these rows' active tokens
+        return total / (max(active, 1.0) if num_items is None else num_items)
     if loss_type == "dr_grpo":
         return total / (n * max_len)
     return total / num_items
@@ -356,7 +356,7 @@ def test_on_policy_gradient_is_minus_advantage_over_denominator():
     m = mask.double()
     denoms = {
         "grpo": n * m.sum(1, keepdim=True).clamp(min=1),  # d/dlogp of mean_n(sum_t / cnt_n)
-        "bnpo": m.sum().expand(n, 1),
+        "bnpo": torch.full((n, 1), 11.0, dtype=torch.float64),  # the given count of the local batch
         "dr_grpo": torch.full((n, 1), n * 7.0, dtype=torch.float64),
         "dapo": torch.full((n, 1), 11.0, dtype=torch.float64),
     }

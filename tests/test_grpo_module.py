@@ -1,6 +1,6 @@
-"""GRPOModule on the tiny Qwen2-Audio with in-memory batches: real GRPO steps, what they change and
-what they must not, micro-batch invariance, dynamic sampling, encoder calls, and evaluation metrics
-against scikit-learn."""
+"""GRPOModule on the real-shape Qwen2-Audio (tests/conftest.py) with in-memory batches: real GRPO steps,
+what they change and what they must not, micro-batch invariance, dynamic sampling, encoder calls, the
+cold start, evaluation metrics against scikit-learn, and predict_step's rows."""
 
 import copy
 from pathlib import Path
@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from emorl_pl.modules.grpo_module import GRPOModule
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
-from emorl_pl.modules.tiny import build_tiny_qwen2_audio
 from emorl_pl.rewards import REWARDS, register_reward
 
 LABELS = ["neutral", "happy", "angry", "sad"]
@@ -44,11 +43,6 @@ if "test_text_hash" not in REWARDS:
             return [1.0] * len(completions)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "model"))
-
-
 def batches(n, B=2, seed=0, labels=None):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -67,7 +61,7 @@ def batches(n, B=2, seed=0, labels=None):
     return out
 
 
-def make_module(tiny_dir, **kw):
+def make_module(real_model_dir, **kw):
     defaults = dict(
         labels="iemocap4",
         rewards={"test_text_hash": 1.0},
@@ -78,7 +72,7 @@ def make_module(tiny_dir, **kw):
         optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
     )
     defaults.update(kw)
-    return GRPOModule(AudioLMPolicy(tiny_dir, lora=LoraSettings(r=4, alpha=8)), **defaults)
+    return GRPOModule(AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)), **defaults)
 
 
 def fit(module, data, steps, **trainer_kw):
@@ -100,8 +94,8 @@ def snapshot(policy):
     return {n: p.detach().clone() for n, p in policy.named_parameters()}
 
 
-def test_grpo_steps_change_lora_only_and_loss_is_finite(tiny_dir):
-    module = make_module(tiny_dir)
+def test_grpo_steps_change_lora_only_and_loss_is_finite(real_model_dir):
+    module = make_module(real_model_dir)
     module.policy.load()
     before = snapshot(module.policy)
     trainer = fit(module, batches(3), steps=3)
@@ -113,7 +107,7 @@ def test_grpo_steps_change_lora_only_and_loss_is_finite(tiny_dir):
     assert any(not torch.equal(before[n], after[n]) for n in lora), "no LoRA weight changed"
     assert all(torch.equal(before[n], after[n]) for n in base), "a base weight changed"
     # The reference is the un-adapted model: equal to a freshly loaded base model.
-    fresh = AudioLMPolicy(tiny_dir).load()
+    fresh = AudioLMPolicy(real_model_dir).load()
     prompts = module.policy.build_prompts(batches(1)[0]["waveforms"], 16000, module.instruction)
     rollout = module.policy.rollout(prompts, 2, max_new_tokens=6)
     ref = module.policy.completion_logps(rollout, reference=True)
@@ -126,8 +120,8 @@ def test_grpo_steps_change_lora_only_and_loss_is_finite(tiny_dir):
     assert not torch.allclose(policy_logps, ref, atol=1e-4), "adapted policy should differ from reference"
 
 
-def test_constant_reward_and_beta_zero_give_zero_gradient(tiny_dir):
-    module = make_module(tiny_dir, rewards={"test_constant": 1.0}, beta=0.0)
+def test_constant_reward_and_beta_zero_give_zero_gradient(real_model_dir):
+    module = make_module(real_model_dir, rewards={"test_constant": 1.0}, beta=0.0)
     module.policy.load()
     before = snapshot(module.policy)
     fit(module, batches(2), steps=2)
@@ -137,11 +131,11 @@ def test_constant_reward_and_beta_zero_give_zero_gradient(tiny_dir):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_micro_batching_does_not_change_the_update(tiny_dir, loss_type):
+def test_micro_batching_does_not_change_the_update(real_model_dir, loss_type):
     results = []
     for micro in (1, 3, 8):
         torch.manual_seed(0)
-        module = make_module(tiny_dir, micro_batch_size=micro, loss_type=loss_type, gradient_clip_val=None)
+        module = make_module(real_model_dir, micro_batch_size=micro, loss_type=loss_type, gradient_clip_val=None)
         module.policy.load()
         fit(module, batches(1), steps=1)
         results.append({n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_" in n})
@@ -150,22 +144,35 @@ def test_micro_batching_does_not_change_the_update(tiny_dir, loss_type):
             torch.testing.assert_close(other[name], results[0][name], atol=1e-6, rtol=1e-5)
 
 
-def test_audio_encoded_once_per_utterance_per_step(tiny_dir):
-    module = make_module(tiny_dir, num_iterations=2, beta=0.04, micro_batch_size=3)
+def test_audio_encoded_once_per_utterance_per_step(real_model_dir):
+    module = make_module(real_model_dir, num_iterations=2, beta=0.04, micro_batch_size=3)
     module.policy.load()
     B, steps = 3, 2
-    fit(module, batches(steps, B=B), steps=steps)
+    fit(module, batches(steps, B=B), steps=2 * steps)  # mu = 2 optimizer steps per batch
     assert module.policy.audio_utterances_encoded == B * steps
     assert module.policy.audio_encoder_calls == steps
 
 
-def test_dynamic_sampling_drops_groups_with_equal_rewards(tiny_dir):
-    module = make_module(tiny_dir, dynamic_sampling=True)
+def test_dynamic_sampling_drops_groups_with_equal_rewards(real_model_dir):
+    module = make_module(real_model_dir, dynamic_sampling=True)
     module.policy.load()
     # 'neutral' groups get a constant reward (zero std) and must be dropped; 'angry' ones vary.
     fit(module, batches(1, B=3, labels=["neutral", "angry", "neutral"]), steps=1)
     assert module.trainer.callback_metrics["dynamic_sampling/dropped_groups"] == 2
     assert module.trainer.callback_metrics["frac_reward_zero_std"] == pytest.approx(2 / 3)
+
+
+def test_predict_step_records_seconds_ignored_and_skips_placeholders(real_model_dir):
+    module = make_module(real_model_dir, max_new_tokens=4)
+    module.policy.load()
+    g = torch.Generator().manual_seed(4)
+    batch = {"waveforms": [0.1 * torch.randn(32 * 16000, generator=g), 0.1 * torch.randn(8000, generator=g),
+                           torch.zeros(1600)],
+             "sample_rate": 16000, "keys": ["long.wav", "short.wav", "unreadable.wav"], "is_pad": [False, False, True]}
+    rows = module.predict_step(batch, 0)
+    assert [r["key"] for r in rows] == ["long.wav", "short.wav"]  # the placeholder row gets no prediction
+    assert [r["seconds_ignored"] for r in rows] == [2.0, 0.0]  # 32 s into the 30 s window
+    assert all(isinstance(r["text"], str) and "emotion" in r for r in rows)
 
 
 class TwoTestSets(L.LightningDataModule):
@@ -179,8 +186,8 @@ class TwoTestSets(L.LightningDataModule):
         return [DataLoader(self.a, batch_size=None), DataLoader(self.b, batch_size=None)]
 
 
-def test_eval_metrics_per_test_set_match_sklearn(tiny_dir, monkeypatch):
-    module = make_module(tiny_dir)
+def test_eval_metrics_per_test_set_match_sklearn(real_model_dir, monkeypatch):
+    module = make_module(real_model_dir)
     g = torch.Generator().manual_seed(3)
     answers = {}
 
@@ -218,8 +225,8 @@ class SnapshotAtStep(L.Callback):
             self.weights = {n: p.detach().clone() for n, p in pl_module.policy.hf_model.named_parameters()}
 
 
-def test_cold_start_model_becomes_the_reference_and_is_restored_on_resume(tiny_dir, tmp_path):
-    module = GRPOModule(AudioLMPolicy(tiny_dir), labels="iemocap4", rewards={"test_text_hash": 1.0}, group_size=2,
+def test_cold_start_model_becomes_the_reference_and_is_restored_on_resume(real_model_dir, tmp_path):
+    module = GRPOModule(AudioLMPolicy(real_model_dir), labels="iemocap4", rewards={"test_text_hash": 1.0}, group_size=2,
                         max_new_tokens=8, sft_steps=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
     snap = SnapshotAtStep(2)
     fit(module, batches(3), steps=3, callbacks=[snap], default_root_dir=str(tmp_path))
@@ -230,14 +237,14 @@ def test_cold_start_model_becomes_the_reference_and_is_restored_on_resume(tiny_d
     for name, value in snap.weights.items():
         torch.testing.assert_close(ref_weights[name], value, atol=0, rtol=0)
     # ... which is not the initial model, nor the current policy.
-    initial = AudioLMPolicy(tiny_dir).load().hf_model
+    initial = AudioLMPolicy(real_model_dir).load().hf_model
     assert any(not torch.equal(p, ref_weights[n]) for n, p in initial.named_parameters())
     assert any(not torch.equal(p, ref_weights[n]) for n, p in module.policy.hf_model.named_parameters())
     # It is saved as a model folder (never in the checkpoint) and reloaded by a resumed run.
     checkpoint = {"state_dict": {}, "global_step": 3}
     module.on_save_checkpoint(checkpoint)
     assert (Path(checkpoint["emorl_reference_dir"]) / "config.json").is_file()
-    resumed = GRPOModule(AudioLMPolicy(tiny_dir), labels="iemocap4", rewards={"test_text_hash": 1.0}, sft_steps=2)
+    resumed = GRPOModule(AudioLMPolicy(real_model_dir), labels="iemocap4", rewards={"test_text_hash": 1.0}, sft_steps=2)
     resumed.on_load_checkpoint(checkpoint)
     with resumed.policy.reference() as ref:
         for name, value in ref.named_parameters():

@@ -79,11 +79,3 @@ class NotARewardValue:
 
 NOT_A_REWARD = 0.5
 
-
-class TextHashReward:
-    """A score in [0, 1] that varies with the sampled text (so groups have non-zero advantages even for
-    an untrained model that never answers in format): the tiny multi-process runs use it to make training
-    move the weights."""
-
-    def __call__(self, completions, labels, **columns):
-        return [(sum(map(ord, c)) % 7) / 6 for c in completions]

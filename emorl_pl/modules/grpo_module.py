@@ -4,54 +4,53 @@ Thin on purpose: the math lives in ``emorl_pl.grpo``, the rewards in ``emorl_pl.
 response formats in ``emorl_pl.reasoning`` and the model work in ``AudioLMPolicy``. This module
 only orders the calls, handles micro-batching / accumulation, and logs.
 
-One training step on a batch of B utterances:
-  1. prompts (chat template + audio) -> audio encoded once -> G samples per utterance
-  2. rewards (weighted ESWR + format, ...) -> group-relative advantages
-  3. old / reference log-probs (no grad) when needed
-  4. for each of ``num_iterations`` passes, micro-batches of sequences: policy log-probs ->
-     clipped GRPO loss -> manual_backward; then clip, step, schedule.
-An optional supervised warm-up (``sft_steps``) first teaches the response format (cold start).
+GRPO runs in windows of ``accumulate_grad_batches`` (k) batches, as TRL's generation batch:
+  1. each batch: prompts (chat template + audio) -> audio encoded once -> G samples per utterance ->
+     rewards (weighted ESWR + format, ...) -> group-relative advantages; kept until the window is full
+  2. at the window's last batch: reference and old (sampling-policy) log-probs, no grad
+  3. ``num_iterations`` (mu) optimizer steps, each over every batch of the window in micro-batches:
+     policy log-probs under the current weights -> clipped GRPO loss -> manual_backward; clip, step,
+     schedule. So one generation feeds mu optimizer steps (TRL's semantics): from the second on, the
+     ratio to the sampling policy departs from 1 and clipping acts. A training batch is one dataloader
+     batch; ``global_step`` counts optimizer steps (mu per GRPO window), capped at ``max_steps``.
+An optional supervised warm-up (``sft_steps`` optimizer steps) first teaches the response format.
+
+Every rank issues the same collectives whatever its data: dynamic sampling gives the groups it drops
+zero weight instead of skipping their passes, and micro-batches are padded (zero-weight) to the
+largest count over ranks, so DDP's per-backward all-reduce and FSDP2's per-forward all-gather match.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ParallelStrategy
 from torchmetrics import MeanMetric
 
 from emorl_pl import grpo
+from emorl_pl.checkpointing import seeded_rng
 from emorl_pl.cold_start import cold_start_target
 from emorl_pl.emotions import get_label_set
 from emorl_pl.metrics import SERMetrics
-from emorl_pl.modules.policy import AudioLMPolicy
+from emorl_pl.modules.policy import AudioLMPolicy, Rollout
 from emorl_pl.reasoning import check_mode, instruction, parse_response
-from emorl_pl.rewards import RewardSet
+from emorl_pl.rewards import RewardOutput, RewardSet
+from emorl_pl.schedules import lr_lambda, rl_progress, total_optimizer_steps
+from emorl_pl.strategies import FSDP2Strategy
+
+__all__ = ["GRPOModule", "lr_lambda"]
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warm-up over ``warmup_steps``, then constant, linear or cosine decay to 0."""
-    if schedule not in ("constant", "linear", "cosine"):
-        raise ValueError(f"lr_schedule must be constant, linear or cosine, got {schedule!r}")
-
-    def fn(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return fn
 
 
 class GRPOModule(L.LightningModule):
@@ -61,19 +60,26 @@ class GRPOModule(L.LightningModule):
         policy: the audio-LM policy (loads weights lazily in ``configure_model``).
         labels: the label set (name such as ``iemocap4`` or a list); link it to the data's.
         mode: response mode ``esr`` (paper), ``eur`` or ``ir``.
-        rewards: reward name -> weight, or name -> {weight, **options}; e.g.
+        rewards: reward name -> weight, or name -> {weight, **options}, or name -> {class_path,
+            init_args, weight} for a reward from your own module; e.g.
             ``{eswr: {weight: 1.0, gamma: 0.7, alpha_schedule: linear}, format: 1.0}``.
         group_size: G samples per utterance (paper: 6).
         beta: KL weight to the reference policy; 0 skips the reference pass entirely.
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (see ``emorl_pl.grpo.grpo_loss``).
+        importance_sampling_level: ``token`` (GRPO) or ``sequence`` (GSPO: one length-normalised ratio
+            per completion).
         scale_rewards: ``group``, ``batch`` or ``none`` advantage scaling.
-        num_iterations: policy updates per generated batch (mu); > 1 keeps old log-probs.
-        dynamic_sampling: drop groups whose rewards are all equal (DAPO); they carry no signal.
-        micro_batch_size: sequences per forward/backward, to bound memory.
-        accumulate_grad_batches: batches of prompts per optimizer step.
+        num_iterations: optimizer steps per generation window (mu, TRL's ``num_iterations``); each
+            re-scores the same completions under the updated weights against the sampling policy's.
+        dynamic_sampling: drop groups whose rewards are all equal (DAPO); they carry no signal. Dropped
+            rows get zero weight (and count in no loss normaliser) rather than being skipped, so ranks
+            stay in step; unlike DAPO, the batch is not refilled with new rollouts.
+        micro_batch_size: sequences per forward/backward, to bound memory; never changes the result.
+        accumulate_grad_batches: batches per window (TRL's generation batch = k x per-device batch):
+            the loss is normalised over the window as TRL does (``emorl_pl.grpo.loss_normalizer``).
         sft_steps: supervised cold-start steps before GRPO (0 = none); ``sft_lr`` their LR.
-        sampling_seed: sampling is seeded from (sampling_seed, step, accumulation index, rank), so a
-            resumed run samples exactly what an uninterrupted one would.
+        sampling_seed: sampling and dropout are seeded from (sampling_seed, step, accumulation index,
+            rank), so a resumed run samples exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -81,7 +87,7 @@ class GRPOModule(L.LightningModule):
         policy: AudioLMPolicy,
         labels: str | list[str] = "iemocap4",
         mode: str = "esr",
-        rewards: dict[str, Any] | None = None,
+        rewards: dict[str, float | dict[str, Any]] | list[str | dict[str, Any]] | None = None,
         group_size: int = 6,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -92,6 +98,7 @@ class GRPOModule(L.LightningModule):
         epsilon_low: float = 0.2,
         epsilon_high: float | None = None,
         loss_type: str = "grpo",
+        importance_sampling_level: str = "token",
         scale_rewards: str = "group",
         num_iterations: int = 1,
         mask_truncated: bool = False,
@@ -117,24 +124,30 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
         if beta < 0 or num_iterations < 1 or micro_batch_size < 1 or accumulate_grad_batches < 1:
             raise ValueError("beta >= 0, num_iterations >= 1, micro_batch_size >= 1, accumulate_grad_batches >= 1")
-        if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-            raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+        if loss_type not in grpo.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(grpo.LOSS_TYPES)}, got {loss_type!r}")
+        if importance_sampling_level not in grpo.IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {list(grpo.IMPORTANCE_SAMPLING_LEVELS)}, "
+                             f"got {importance_sampling_level!r}")
         self.optimizer_factory = optimizer
         self.instruction = instruction(self.mode, self.labels)
         self.automatic_optimization = False
         # The checkpoint holds only trainable weights (LoRA); base weights come from the model dir.
         self.strict_loading = False
         self._eval_names: dict[str, list[str]] = {}
-        self._accum = 0
+        self._accum = 0  # batches of the current window seen so far
+        self._window: list[_Generation] = []  # GRPO generations of the current window
+        self._folded_adapters: dict[str, torch.Tensor] | None = None  # LoRA cold start, for resume
         self._rl_started = False
         self._reference_dir: str | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
-        self.policy.load()
         mesh = getattr(self, "_device_mesh", None)
+        self.policy.load(reference=mesh is None)  # sharded: shard() builds a sharded reference
         if mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
-            self.policy.shard(mesh)
+            strategy = self.trainer.strategy
+            self.policy.shard(mesh, mp_policy=strategy.mp_policy if isinstance(strategy, FSDP2Strategy) else None)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -153,31 +166,43 @@ class GRPOModule(L.LightningModule):
         if not params:
             raise ValueError("the policy has no trainable parameters (check lora / freeze settings)")
         opt = self.optimizer_factory(params)
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
+        total = self.total_steps() or 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def total_steps(self) -> int | None:
+        """Optimizer steps of this run under the trainer's ``max_steps`` / ``max_epochs`` (None: unbounded)."""
+        trainer = self.trainer
+        batches = None
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            if trainer.train_dataloader is None:  # as Lightning's estimated_stepping_batches does
+                trainer.fit_loop.setup_data()
+            batches = trainer.num_training_batches
+        return total_optimizer_steps(
+            max_steps=trainer.max_steps, max_epochs=trainer.max_epochs, batches_per_epoch=batches,
+            accumulate_grad_batches=self.hparams.accumulate_grad_batches,
+            num_iterations=self.hparams.num_iterations, sft_steps=self.hparams.sft_steps,
+        )
+
     # ------------------------------------------------------------------ helpers
     def _progress(self) -> float:
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        if total is None:
-            try:
-                total = int(self.trainer.estimated_stepping_batches)
-            except Exception:  # noqa: BLE001 - no length known: keep alpha at its start
-                return 0.0
-        steps_after_sft = max(0, total - self.hparams.sft_steps)
-        return min(1.0, max(0, self.global_step - self.hparams.sft_steps) / max(1, steps_after_sft))
+        if not hasattr(self, "_total_steps"):  # fixed for the run; computed once
+            self._total_steps = self.total_steps()
+        return rl_progress(self.global_step, self._total_steps, self.hparams.sft_steps)
 
     def _prompts(self, batch: Mapping[str, Any]):
         texts = batch.get("texts") if self.hparams.use_transcripts else None
         return self.policy.build_prompts(batch["waveforms"], batch["sample_rate"], self.instruction, texts)
 
+    def _window_full(self) -> bool:
+        """Whether the current batch closes its window: k batches, or the epoch's last batch (a short
+        window, as Lightning's own accumulation; ranks have equal batch counts, so they agree)."""
+        last = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return self._accum >= self.hparams.accumulate_grad_batches or bool(last)
+
     def _optimizer_step(self) -> float:
+        """Clip, step, zero, schedule; returns the gradient norm before clipping (NaN when not clipping)."""
         opt = self.optimizers()
-        self._accum += 1
-        if self._accum < self.hparams.accumulate_grad_batches:
-            return float("nan")
-        self._accum = 0
         clip = self.hparams.gradient_clip_val
         grad_norm = float("nan")
         if clip is not None and clip > 0:
@@ -191,9 +216,13 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.global_step < self.hparams.sft_steps:
-            return self._sft_step(batch)
-        return self._grpo_step(batch)
+        # Dropout and every other random draw of the step come from RNGs seeded by (sampling_seed, step,
+        # accumulation index, rank), never from their history, which no checkpoint holds (a resumed run
+        # would draw other dropout masks). Sampling reseeds its own stream inside.
+        with seeded_rng(self._step_seed(), self.device):
+            if self.global_step < self.hparams.sft_steps:
+                return self._sft_step(batch)
+            return self._grpo_step(batch)
 
     def _sft_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Teacher-forced cross-entropy on truthful, perfectly formatted targets (cold start)."""
@@ -210,27 +239,35 @@ class GRPOModule(L.LightningModule):
         if self.hparams.sft_lr is not None:
             for group in self.optimizers().param_groups:
                 group["lr"] = self.hparams.sft_lr
-        for start in range(0, n, mb):
+        self._accum += 1
+        closing = self._window_full()
+        starts = range(0, n, mb)
+        for start in starts:
             rows = slice(start, min(n, start + mb))
             logps = self.policy.completion_logps(rollout, rows)
             loss = -(logps * mask[rows]).sum() / total_tokens / self.hparams.accumulate_grad_batches
-            self.manual_backward(loss)
+            with self._backward_sync(closing and start == starts[-1]):
+                self.manual_backward(loss)
             loss_sum += loss.detach()
-        self._optimizer_step()
+        if closing:
+            self._accum = 0
+            self._optimizer_step()
         self.log("sft/loss", loss_sum * self.hparams.accumulate_grad_batches, prog_bar=True, batch_size=n)
         return loss_sum
 
     def _start_rl_phase(self) -> None:
-        """After a cold start, the KL anchor is the cold-start model, the model RL starts from (as in the
-        paper, where the reference is the initial RL policy). Full fine-tuning: the reference becomes a
-        frozen copy, also saved to ``<log_dir>/cold_start_model`` so that a resumed run reloads it. With
-        LoRA the reference stays the base model (adapters off)."""
+        """After a cold start, the KL anchor is the cold-start policy, the model RL starts from (as in the
+        paper, where the reference is the initial RL policy). LoRA: the cold-start adapters are folded into
+        the base weights and restart at zero, so adapters-off is the cold-start policy (the folded adapters
+        go into every checkpoint, to re-fold on resume). Full fine-tuning: the reference becomes a frozen
+        copy, also saved to ``<log_dir>/cold_start_model`` so that a resumed run reloads it."""
         self._rl_started = True
         if self.hparams.sft_steps <= 0:
             return
         # RL is a new optimisation problem: moments gathered at the cold start's larger LR would skew it.
         self.optimizers().optimizer.state.clear()
         if self.policy.lora is not None:
+            self._folded_adapters = self.policy.fold_adapters_into_base()
             return
         save_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "cold_start_model"
         self.policy.reset_reference(save_dir if self.trainer.is_global_zero else None)
@@ -239,83 +276,114 @@ class GRPOModule(L.LightningModule):
     def _grpo_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
         if not self._rl_started:
             self._start_rl_phase()
+        gen = self._generate(batch)
+        self._window.append(gen)
+        self._accum += 1
+        loss, stats, grad_norm = torch.zeros((), device=self.device), {}, float("nan")
+        if self._window_full():
+            window, self._window, self._accum = self._window, [], 0
+            loss, stats, grad_norm = self._update(window)
+        self._log_step(gen, loss, stats, grad_norm)
+        self._last_rollout = (batch.get("keys"), gen.labels, gen.rollout.texts, gen.scored, gen.advantages.tolist())
+        return loss
+
+    def _generate(self, batch: Mapping[str, Any]) -> _Generation:
+        """Rollout, rewards, advantages and the dynamic-sampling mask of one batch (no grad)."""
         hp = self.hparams
         G = hp.group_size
-        labels = list(batch["labels"])
-        B = len(labels)
+        labels = [label for label in batch["labels"] for _ in range(G)]
         progress = self._progress()
-
         prompts = self._prompts(batch)
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(self._sampling_seed())
             embeds = self.policy.encode_prompts(prompts)
             rollout = self.policy.rollout(
-                embeds,
-                G,
-                temperature=hp.temperature,
-                top_p=hp.top_p,
-                top_k=hp.top_k,
-                max_new_tokens=hp.max_new_tokens,
-                mask_truncated=hp.mask_truncated,
+                embeds, G, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
+                max_new_tokens=hp.max_new_tokens, mask_truncated=hp.mask_truncated,
                 synced_gpus=self._synced_gpus(),
             )
-        group_labels = [label for label in labels for _ in range(G)]
-        scored = self.reward_set(rollout.texts, group_labels, progress=progress)
+        scored = self.reward_set(rollout.texts, labels, **reward_columns(batch, G), progress=progress)
         rewards = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
-        advantages = self._advantages(rewards, G)
-
-        keep = torch.ones(B * G, dtype=torch.bool, device=self.device)
         zero_std = grpo.zero_std_groups(rewards, G)
-        if hp.dynamic_sampling:
-            keep = (~zero_std).repeat_interleave(G)
+        keep = (~zero_std).repeat_interleave(G) if hp.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
         mask = rollout.completion_mask.to(self.device).float() * keep.unsqueeze(1)
-        rows_kept = torch.nonzero(keep).flatten()
+        return _Generation(rollout, self._advantages(rewards, G), mask, keep, rewards, zero_std, scored, labels, progress)
 
+    def _update(self, window: list[_Generation]) -> tuple[torch.Tensor, dict[str, float], float]:
+        """``num_iterations`` optimizer steps over the window's generations (see the module docstring)."""
+        hp = self.hparams
+        world = self.trainer.world_size
+        plans = [self._micro_batches(gen.keep) for gen in window]
+        local_tokens = float(sum(g.mask.sum() for g in window))
+        totals = torch.tensor([float(sum(g.mask.sum() for g in window)), float(sum(g.keep.sum() for g in window))],
+                              dtype=torch.float64, device=self.device)
+        if world > 1:  # window-wide normalisers, and every rank runs as many micro-batches as the busiest
+            counts = torch.tensor([len(p) for p in plans], device=self.device)
+            torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            plans = [p + [None] * (int(c) - len(p)) for p, c in zip(plans, counts)]
+        with torch.no_grad():
+            for gen, plan in zip(window, plans):
+                # The sampling policy's log-probs: only needed when the weights move before a pass (mu > 1).
+                gen.ref = self._logps_no_grad(gen.rollout, plan, reference=True) if hp.beta > 0 else None
+                gen.old = self._logps_no_grad(gen.rollout, plan, reference=False) if hp.num_iterations > 1 else None
+        iterations = hp.num_iterations
+        if self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+            iterations = max(1, min(iterations, self.trainer.max_steps - self.global_step))
         loss_total = torch.zeros((), device=self.device)
         stats_acc: dict[str, float] = {}
-        if rows_kept.numel() > 0:
-            with torch.no_grad():
-                ref = self._logps_no_grad(rollout, rows_kept, reference=True) if hp.beta > 0 else None
-                old = self._logps_no_grad(rollout, rows_kept, reference=False) if hp.num_iterations > 1 else None
-            adv_kept, mask_kept = advantages[rows_kept], mask[rows_kept]
-            n = rows_kept.numel()
-            active = mask_kept.sum().clamp(min=1)
-            for _ in range(hp.num_iterations):
-                for start in range(0, n, hp.micro_batch_size):
-                    sl = slice(start, min(n, start + hp.micro_batch_size))
-                    logps = self.policy.completion_logps(rollout, rows_kept[sl], temperature=hp.temperature)
-                    loss, stats = grpo.grpo_loss(
-                        logps,
-                        None if old is None else old[sl],
-                        None if ref is None else ref[sl],
-                        adv_kept[sl],
-                        mask_kept[sl],
-                        beta=hp.beta,
-                        epsilon_low=hp.epsilon_low,
-                        epsilon_high=hp.epsilon_high,
-                        loss_type="dapo" if hp.loss_type in ("bnpo", "dapo") else hp.loss_type,
-                        max_completion_length=hp.max_new_tokens,
-                        num_items_in_batch=active,
-                    )
-                    # Rescale each micro-batch so the sum over micro-batches is the loss of the whole batch.
-                    if hp.loss_type in ("grpo", "dr_grpo"):
-                        loss = loss * (sl.stop - sl.start) / n
-                    loss = loss / (hp.accumulate_grad_batches * hp.num_iterations)
+        grad_norm = float("nan")
+        passes = [(gen, rows) for gen, plan in zip(window, plans) for rows in plan]
+        for _ in range(iterations):
+            for i, (gen, rows) in enumerate(passes):
+                norm = grpo.loss_normalizer(
+                    hp.loss_type, step_tokens=float(gen.mask.sum()), window_sequences=float(totals[1]),
+                    window_tokens=float(totals[0]), world_size=world, num_steps=len(window),
+                )
+                pad = rows is None  # a zero-weight pass that only keeps this rank in step
+                rows = torch.zeros(1, dtype=torch.long, device=self.device) if pad else rows
+                logps = self.policy.completion_logps(gen.rollout, rows, temperature=hp.temperature)
+                loss, stats = grpo.grpo_loss(
+                    logps,
+                    None if gen.old is None else gen.old[rows],
+                    None if gen.ref is None else gen.ref[rows],
+                    gen.advantages[rows],
+                    gen.mask[rows] * (0.0 if pad else 1.0),
+                    beta=hp.beta, epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high,
+                    loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens,
+                    importance_sampling_level=hp.importance_sampling_level, **norm,
+                )
+                # Gradients are reduced across ranks once per optimizer step: at its last backward.
+                with self._backward_sync(i == len(passes) - 1):
                     self.manual_backward(loss)
-                    loss_total += loss.detach()
-                    weight = float(mask_kept[sl].sum()) / float(active)
-                    for key, value in _stats_dict(stats).items():
-                        stats_acc[key] = stats_acc.get(key, 0.0) + value * weight / hp.num_iterations
-        grad_norm = self._optimizer_step()
+                loss_total += loss.detach() / iterations
+                # Logged stats: this rank's token-weighted mean over its window and the iterations.
+                weight = 0.0 if pad else float(gen.mask[rows].sum()) / max(local_tokens, 1.0) / iterations
+                for key, value in _stats_dict(stats).items():
+                    stats_acc[key] = stats_acc.get(key, 0.0) + value * weight
+            grad_norm = self._optimizer_step()
+        return loss_total, stats_acc, grad_norm
 
-        self._log_step(scored, rewards, zero_std, rollout, labels, keep, loss_total, stats_acc, progress, grad_norm)
-        self._last_rollout = (batch.get("keys"), group_labels, rollout.texts, scored)
-        return loss_total
+    def _backward_sync(self, sync: bool):
+        """Lightning's parallel strategies skip the gradient all-reduce (DDP ``no_sync``; FSDP2: see
+        ``FSDP2Strategy.block_backward_sync``) inside ``block_backward_sync``; the last backward syncs."""
+        strategy = self.trainer.strategy
+        if sync or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    def _micro_batches(self, keep: torch.Tensor) -> list[torch.Tensor | None]:
+        rows = torch.nonzero(keep).flatten()
+        return list(rows.split(self.hparams.micro_batch_size)) if rows.numel() else []
 
     def _sampling_seed(self) -> int:
         seed = (self.hparams.sampling_seed, self.global_step, self._accum, self.global_rank)
         return (seed[0] * 1_000_003 + seed[1] * 10_007 + seed[2] * 101 + seed[3]) % (2**62)
+
+    def _step_seed(self) -> int:
+        """The seed of a training step's RNGs: the sampling seed's inputs, another stream (an LCG step)."""
+        return (self._sampling_seed() * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**62)
 
     def _advantages(self, rewards: torch.Tensor, G: int) -> torch.Tensor:
         scale = self.hparams.scale_rewards
@@ -326,43 +394,50 @@ class GRPOModule(L.LightningModule):
             return adv_all.reshape(self.trainer.world_size, -1)[self.global_rank]
         return grpo.group_advantages(rewards, G, scale=scale)
 
-    def _logps_no_grad(self, rollout: Any, rows: torch.Tensor, reference: bool) -> torch.Tensor:
-        out = []
-        for start in range(0, rows.numel(), self.hparams.micro_batch_size):
-            sel = rows[start : start + self.hparams.micro_batch_size]
-            out.append(self.policy.completion_logps(rollout, sel, temperature=self.hparams.temperature, reference=reference))
-        return torch.cat(out)
+    def _logps_no_grad(self, rollout: Rollout, plan: list[torch.Tensor | None], reference: bool) -> torch.Tensor:
+        """(N, T) log-probs of the planned rows (zeros elsewhere); ``None`` entries are zero-weight passes
+        on row 0 that keep this rank's forward count equal to the other ranks'."""
+        out = torch.zeros(rollout.completion_ids.shape, device=self.device)
+        for rows in plan:
+            sel = torch.zeros(1, dtype=torch.long, device=self.device) if rows is None else rows
+            logps = self.policy.completion_logps(rollout, sel, temperature=self.hparams.temperature, reference=reference)
+            if rows is not None:
+                out[rows] = logps
+        return out
 
     def _synced_gpus(self) -> bool:
         # Under sharded data parallel every rank must keep calling forward until all ranks finish.
         return self._trainer is not None and self.trainer.world_size > 1 and self.policy.is_sharded
 
-    def _log_step(self, scored, rewards, zero_std, rollout, labels, keep, loss, stats, progress, grad_norm) -> None:
+    def _log_step(self, gen: _Generation, loss: torch.Tensor, stats: dict[str, float], grad_norm: float) -> None:
+        """Per batch: its rewards, completions and dynamic sampling; at a window's end also the loss, KL,
+        clip ratios and gradient norm of its updates (``stats``, empty otherwise)."""
         G = self.hparams.group_size
-        B = len(labels)
+        B = len(gen.labels) // G
+        rollout, rewards = gen.rollout, gen.rewards
         lengths = rollout.completion_mask.float().sum(1)
         truncated = grpo.is_truncated(rollout.completion_ids, self.policy.eos_token_ids)
         parsed = [parse_response(t, self.mode, self.labels) for t in rollout.texts]
-        golds = [label for label in labels for _ in range(G)]
         log = {
-            "loss": loss,
             "reward": torch.nanmean(rewards),
             "reward_std": grpo.group_reward_std(rewards, G).mean(),
-            "frac_reward_zero_std": zero_std.float().mean(),
+            "frac_reward_zero_std": gen.zero_std.float().mean(),
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": truncated.float().mean(),
             "format_rate": torch.tensor(sum(p.format_ok for p in parsed) / len(parsed)),
-            "train_accuracy": torch.tensor(sum(p.label == g for p, g in zip(parsed, golds)) / len(parsed)),
-            "dynamic_sampling/dropped_groups": torch.tensor(float(B - int(keep.sum()) // G)),
-            "progress": torch.tensor(progress),
+            "train_accuracy": torch.tensor(sum(p.label == g for p, g in zip(parsed, gen.labels)) / len(parsed)),
+            "dynamic_sampling/dropped_groups": torch.tensor(float(B - int(gen.keep.sum()) // G)),
+            "progress": torch.tensor(gen.progress),
         }
-        for name, mean in self.reward_set.means(scored.per_reward).items():
+        for name, mean in self.reward_set.means(gen.scored.per_reward).items():
             log[f"rewards/{name}/mean"] = torch.tensor(mean)
         for name, fn in self.reward_set.fns.items():
             if hasattr(fn, "alpha"):
-                log[f"rewards/{name}/alpha"] = torch.tensor(fn.alpha(progress))
-        for key, value in stats.items():
-            log[key] = torch.tensor(value)
+                log[f"rewards/{name}/alpha"] = torch.tensor(fn.alpha(gen.progress))
+        if stats or not math.isnan(grad_norm):  # the window's updates ran in this step
+            log["loss"] = loss
+            for key, value in stats.items():
+                log[key] = torch.tensor(value)
         if not math.isnan(grad_norm):
             log["grad_norm"] = torch.tensor(grad_norm)
         opt = self.optimizers()
@@ -420,14 +495,19 @@ class GRPOModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        if not batch["waveforms"]:
-            return []
+        # Every batch is decoded, placeholder rows included, so that sharded ranks issue the same collectives.
         prompts = self._prompts(batch)
-        texts = self.policy.greedy(prompts, self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens)
+        texts = self.policy.greedy(prompts, self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens,
+                                   synced_gpus=self._synced_gpus())
         out = []
-        for key, text in zip(batch["keys"], texts):
+        pads = batch.get("is_pad") or [False] * len(texts)  # placeholders of unreadable files / padding rows
+        # seconds_ignored: audio past the encoder window, cropped before the model heard it (0.0 if none)
+        for key, text, ignored, pad in zip(batch["keys"], texts, prompts.seconds_ignored, pads):
+            if pad:
+                continue
             parsed = parse_response(text, self.mode, self.labels)
-            out.append({"key": key, "emotion": parsed.label, "format_ok": parsed.format_ok, **parsed.fields, "text": text})
+            out.append({"key": key, "emotion": parsed.label, "format_ok": parsed.format_ok, **parsed.fields,
+                        "seconds_ignored": round(ignored, 3), "text": text})
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -440,9 +520,23 @@ class GRPOModule(L.LightningModule):
             if ref_dir:
                 self.policy.load_reference(ref_dir)
                 self._reference_dir = ref_dir
+            folded = checkpoint.get("emorl_folded_adapters")
+            if folded:  # LoRA: the base weights come fresh from model_dir; re-fold the cold start into them
+                self.policy.fold_into_base(folded)
+                self._folded_adapters = folded
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._accum:
+            # The window's generations (GRPO) or gradients (cold start) are not in a checkpoint.
+            raise RuntimeError(
+                f"checkpoint requested after {self._accum} of the {self.hparams.accumulate_grad_batches} batches of "
+                "an accumulation window; checkpoints are taken only between optimizer steps. Make "
+                "trainer.val_check_interval (and any batch-based checkpoint interval) a multiple of "
+                "model.init_args.accumulate_grad_batches."
+            )
         checkpoint["emorl_accumulated_batches"] = self._accum
+        if self._folded_adapters:
+            checkpoint["emorl_folded_adapters"] = self._folded_adapters
         if self._reference_dir:  # the cold-start reference lives in its own model folder, not here
             checkpoint["emorl_reference_dir"] = self._reference_dir
         # Only trainable weights: the frozen base comes from model_dir, the reference is never saved.
@@ -450,6 +544,25 @@ class GRPOModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if isinstance(state, dict) and state:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+
+
+def reward_columns(batch: Mapping[str, Any], group_size: int) -> dict[str, list[Any]]:
+    """The batch's per-utterance columns, one entry per completion (each repeated G times), for rewards.
+
+    Every list column of length B goes through under its own name (``keys``, ``texts``, ``corpus``,
+    ``meta``, ...), plus the readable aliases ``key``, ``transcript`` and ``speaker`` (from ``meta``) and
+    ``group``: the index b of the utterance whose sample this is.
+    """
+    B = len(batch["labels"])
+    skip = {"waveforms", "labels"}
+    columns = {k: [v[b] for b in range(B) for _ in range(group_size)] for k, v in batch.items()
+               if k not in skip and isinstance(v, (list, tuple)) and len(v) == B}
+    aliases = {"key": "keys", "transcript": "texts"}
+    columns.update({alias: columns[name] for alias, name in aliases.items() if name in columns})
+    if "meta" in columns:
+        columns["speaker"] = [(m or {}).get("speaker") for m in columns["meta"]]
+    columns["group"] = [b for b in range(B) for _ in range(group_size)]
+    return columns
 
 
 def _stats_dict(stats: Any) -> dict[str, float]:
@@ -463,3 +576,23 @@ def _stats_dict(stats: Any) -> dict[str, float]:
     }
     return {names.get(k, k): float(v) for k, v in items if k in names}
 
+
+@dataclass
+class _Generation:
+    """One batch's rollout and scores, kept until its window's updates (``GRPOModule._update``).
+
+    ``mask``: the completion mask with dynamically dropped rows zeroed; ``ref`` / ``old``: (N, T)
+    reference and sampling-policy log-probs, filled at the window's end.
+    """
+
+    rollout: Rollout
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    keep: torch.Tensor
+    rewards: torch.Tensor
+    zero_std: torch.Tensor
+    scored: RewardOutput
+    labels: list[str]
+    progress: float
+    ref: torch.Tensor | None = None
+    old: torch.Tensor | None = None

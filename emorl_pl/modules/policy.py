@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from emorl_pl.grpo import completion_mask, is_truncated, token_logprobs
 from emorl_pl.modules.fused_decode import FusedDecodeStep
 from emorl_pl.modules.fused_decode import unsupported as unsupported_for_fusion
-from emorl_pl.modules.sharding import is_sharded, shard_model
+from emorl_pl.modules.sharding import full_state_dict_cpu, gathered, is_sharded, shard_model
 
 AUDIO_SPECIAL_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 # Omni spells its audio tokens differently; suppress whichever of these the tokenizer knows.
@@ -64,13 +64,15 @@ class Prompts:
     attention_mask: Tensor  # (B, P)
     input_features: Tensor  # (B, n_mels, frames)
     feature_attention_mask: Tensor  # (B, frames)
+    # Per utterance: seconds of audio past the encoder window, cropped before the model saw it (0.0 if none).
+    seconds_ignored: tuple[float, ...] = ()
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Prompts:
         return Prompts(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.input_features,
-                                                  self.feature_attention_mask)))
+                                                  self.feature_attention_mask)), seconds_ignored=self.seconds_ignored)
 
 
 @dataclass
@@ -185,8 +187,12 @@ class AudioLMPolicy(nn.Module):
     def loaded(self) -> bool:
         return self.model is not None
 
-    def load(self) -> AudioLMPolicy:
-        """Load processor and model from ``model_dir``, apply freezing, LoRA, checkpointing. Idempotent."""
+    def load(self, reference: bool = True) -> AudioLMPolicy:
+        """Load processor and model from ``model_dir``, apply freezing, LoRA, checkpointing. Idempotent.
+
+        ``reference=False`` (full fine-tuning about to be sharded): no frozen reference copy yet; ``shard``
+        builds a sharded one, so that no rank ever holds two full copies of the model in host memory.
+        """
         if self.loaded:
             return self
         from transformers import AutoConfig, AutoProcessor
@@ -219,7 +225,8 @@ class AudioLMPolicy(nn.Module):
         if self.freeze_audio_tower:
             self._audio_tower(hf_model).requires_grad_(False)
         object.__setattr__(self, "_reference_model", None)
-        if self.lora is None:
+        object.__setattr__(self, "_mesh", None)
+        if self.lora is None and reference:
             ref = copy.deepcopy(hf_model).eval().requires_grad_(False)
             object.__setattr__(self, "_reference_model", ref)  # not registered: out of state_dict/optimizer
 
@@ -348,22 +355,34 @@ class AudioLMPolicy(nn.Module):
             return
         ref = self._reference_model
         param, ref_param = next(self._hf.parameters()), next(ref.parameters())
-        if (ref_param.device, ref_param.dtype) != (param.device, param.dtype):
+        # A sharded reference already sits on the mesh's devices, in the compute dtype on purpose.
+        if not self.is_sharded and (ref_param.device, ref_param.dtype) != (param.device, param.dtype):
             ref.to(device=param.device, dtype=param.dtype)  # unregistered, so .to() on the policy skips it
         yield ref
 
     def reset_reference(self, save_dir: str | Path | None = None) -> None:
         """Full fine-tuning: make the reference a frozen copy of the current weights (e.g. the cold-start
         model when RL begins), optionally saved with ``save_pretrained`` to ``save_dir`` so that a resumed
-        run restores it with ``load_reference``. With LoRA the reference is always the base model."""
+        run restores it with ``load_reference``. With LoRA the reference is always the base model.
+
+        Sharded (FSDP2): each rank copies its own shards into the sharded reference (no gather); saving
+        gathers the full weights, which every rank must call (rank 0 writes; others pass ``save_dir=None``
+        and ``gather=True``)."""
         self.load()
         if self.lora is not None:
             raise ValueError("with LoRA the reference is the base model (adapters off); it cannot be reset")
         if self.is_sharded:
-            raise NotImplementedError(
-                "resetting the reference of a sharded full fine-tuning run is not supported: run the cold start "
-                "as its own run, export it (emorl-export) and start GRPO from the exported model_dir"
-            )
+            ref = self._reference_model
+            with torch.no_grad():
+                for (name, p), (ref_name, r) in zip(self._hf.named_parameters(), ref.named_parameters(), strict=True):
+                    if name != ref_name:
+                        raise RuntimeError(f"policy and reference parameters differ: {name} vs {ref_name}")
+                    r.to_local().copy_(p.to_local())
+            state = full_state_dict_cpu(ref)  # a collective: every rank gathers, rank 0 keeps it all
+            if save_dir is not None:
+                ref.save_pretrained(save_dir, state_dict=state)
+                self.processor.save_pretrained(save_dir)
+            return
         ref = copy.deepcopy(self._hf).eval().requires_grad_(False)
         for module in ref.modules():
             module._forward_hooks.clear()  # the copy must not count as the policy's audio-encoder calls
@@ -373,17 +392,60 @@ class AudioLMPolicy(nn.Module):
             self.processor.save_pretrained(save_dir)
 
     def load_reference(self, model_dir: str | Path) -> None:
-        """Full fine-tuning: load the reference from a model folder (one written by ``reset_reference``)."""
+        """Full fine-tuning: load the reference from a model folder (one written by ``reset_reference``),
+        sharded like the policy when the policy is."""
         self.load()
         if self.lora is not None:
             raise ValueError("with LoRA the reference is the base model (adapters off)")
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"reference model folder {str(model_dir)!r} has no config.json")
-        kwargs = {"dtype": DTYPES[self.dtype_name]}
-        if self.attn_implementation:
-            kwargs["attn_implementation"] = self.attn_implementation
-        ref = type(self._hf).from_pretrained(model_dir, **kwargs).eval().requires_grad_(False)
-        object.__setattr__(self, "_reference_model", ref)
+        object.__setattr__(self, "_reference_model", None)
+        self._set_reference(self._load_frozen(model_dir))
+
+    def fold_adapters_into_base(self) -> dict[str, Tensor]:
+        """LoRA: make the policy as it is now the new base, so that the reference (adapters off) equals it.
+
+        Per LoRA layer, ``W += scaling * B @ A`` (peft's merge, computed on full tensors in float32),
+        then ``B = 0``: the policy's function is unchanged (``W' x + 0``) and the adapters restart from
+        there. Returns the folded ``{lora_A, lora_B, scaling}`` per layer (full CPU tensors) for the
+        checkpoint: a resumed run re-applies them to the freshly loaded base with ``fold_into_base``.
+        Works on FSDP2-sharded weights (the delta is distributed like the base weight).
+        """
+        self.load()
+        if self.lora is None:
+            raise ValueError("fold_adapters_into_base needs LoRA (full fine-tuning resets the reference instead)")
+        folded: dict[str, Tensor] = {}
+        for name, layer in self._lora_layers():
+            for adapter in layer.active_adapters:
+                # clone: .float().cpu() of a CPU float32 parameter is the parameter itself
+                for kind, module in (("A", layer.lora_A[adapter]), ("B", layer.lora_B[adapter])):
+                    folded[f"{name}|{adapter}|{kind}"] = _full_tensor(module.weight).detach().float().cpu().clone()
+                folded[f"{name}|{adapter}|scaling"] = torch.tensor(float(layer.scaling[adapter]))
+        self.fold_into_base(folded)
+        with torch.no_grad():
+            for _, layer in self._lora_layers():
+                for adapter in layer.active_adapters:
+                    layer.lora_B[adapter].weight.zero_()
+        return folded
+
+    def fold_into_base(self, folded: dict[str, Tensor]) -> None:
+        """Add ``scaling * B @ A`` of each folded adapter (``fold_adapters_into_base``'s output) to its base
+        weight; the adapters themselves are left as they are."""
+        self.load()
+        layers = dict(self._lora_layers())
+        with torch.no_grad():
+            for key in [k for k in folded if k.endswith("|A")]:
+                name, adapter, _ = key.split("|")
+                if name not in layers:
+                    raise KeyError(f"folded adapter for {name!r}, which is not a LoRA layer of this model")
+                weight = layers[name].get_base_layer().weight
+                delta = (folded[f"{name}|{adapter}|B"] @ folded[key]) * folded[f"{name}|{adapter}|scaling"]
+                weight.add_(_like(delta, weight))
+
+    def _lora_layers(self) -> list[tuple[str, nn.Module]]:
+        from peft.tuners.lora import LoraLayer
+
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, LoraLayer)]
 
     def trainable_parameter_names(self) -> list[str]:
         """Names (relative to this policy, as in its ``state_dict``) of the parameters being trained."""
@@ -393,10 +455,39 @@ class AudioLMPolicy(nn.Module):
     def is_sharded(self) -> bool:
         return self.loaded and is_sharded(self._hf)
 
-    def shard(self, mesh) -> None:
-        """FSDP2: each transformer block, then every module called outside the root forward, then the root."""
-        self.load()
-        shard_model(self._hf, mesh, extra_units=list(self.direct_call_modules().values()))
+    def shard(self, mesh, mp_policy=None) -> None:
+        """FSDP2: each transformer block, then every module called outside the root forward, then the root;
+        ``mp_policy``: FSDP2's ``MixedPrecisionPolicy`` (compute / reduce dtypes), or None.
+
+        Full fine-tuning: the frozen reference is sharded the same way, in the compute dtype (1/R of it per
+        rank), and built from ``model_dir`` after the policy is sharded (one full copy in host RAM at a time).
+        """
+        self.load(reference=False)
+        shard_model(self._hf, mesh, extra_units=list(self.direct_call_modules().values()), mp_policy=mp_policy)
+        object.__setattr__(self, "_mesh", mesh)
+        object.__setattr__(self, "_compute_dtype", mp_policy.param_dtype if mp_policy is not None else None)
+        if self.lora is None:
+            object.__setattr__(self, "_reference_model", None)  # drop an unsharded one before the next load
+            self._set_reference(self._load_frozen(self.model_dir))
+
+    def _load_frozen(self, model_dir: str | Path) -> nn.Module:
+        """A frozen copy of the model in ``model_dir`` (the reference), in the compute dtype when sharded."""
+        dtype = self._compute_dtype if self.is_sharded and self._compute_dtype is not None else DTYPES[self.dtype_name]
+        kwargs = {"dtype": dtype}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return type(self._hf).from_pretrained(model_dir, **kwargs).eval().requires_grad_(False)
+
+    def _set_reference(self, ref: nn.Module) -> None:
+        """Make ``ref`` the reference (unregistered: out of state_dict and the optimizer), sharded like the
+        policy when the policy is."""
+        if self._mesh is not None:
+            units = [self._audio_tower(ref), self._embed(ref), self._decoder(ref), ref.lm_head]
+            projector = self._projector(ref)
+            shard_model(ref, self._mesh, extra_units=units + ([] if isinstance(projector, nn.Identity) else [projector]))
+        object.__setattr__(self, "_reference_model", ref)
+
+    _compute_dtype: torch.dtype | None = None
 
     def direct_call_modules(self) -> dict[str, nn.Module]:
         """Submodules that ``completion_logps`` / ``encode_prompts`` call directly, bypassing the root forward.
@@ -431,13 +522,15 @@ class AudioLMPolicy(nn.Module):
 
         Each 1-D waveform is resampled to the feature extractor's rate when ``sample_rate`` differs, and
         cropped to the feature extractor's ``chunk_length`` seconds (the encoder takes a fixed-length
-        window: 30 s for Qwen2-Audio). A transcript in ``texts[i]`` goes before the instruction.
+        window: 30 s for Qwen2-Audio). What is cropped is counted, per utterance in
+        ``Prompts.seconds_ignored`` and in total in ``cropped_utterances`` / ``cropped_seconds``, and
+        logged as a warning the first time. A transcript in ``texts[i]`` goes before the instruction.
         """
         self.load()
         fe = self.processor.feature_extractor
         if texts is not None and len(texts) != len(waveforms):
             raise ValueError(f"texts has {len(texts)} entries but there are {len(waveforms)} waveforms")
-        audio = []
+        audio, ignored = [], []
         for i, wave in enumerate(waveforms):
             wave = torch.as_tensor(wave, dtype=torch.float32)
             if wave.dim() != 1 or wave.numel() == 0:
@@ -447,17 +540,11 @@ class AudioLMPolicy(nn.Module):
 
                 wave = AF.resample(wave, sample_rate, fe.sampling_rate)
             audio.append(wave[: fe.n_samples].cpu().numpy())
-        prompts = []
-        for i in range(len(audio)):
-            text = instruction
-            if texts is not None and texts[i]:
-                text = f'Transcript: "{texts[i]}"\n{instruction}'
-            conversation = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]}]
-            if self.system_prompt is not None:
-                conversation.insert(0, {"role": "system", "content": self.system_prompt})
-            prompts.append(
-                self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            )
+            ignored.append(max(wave.numel() - fe.n_samples, 0) / fe.sampling_rate)
+        self._count_cropped(ignored, fe.n_samples / fe.sampling_rate)
+        prompts = [self.processor.apply_chat_template(self._conversation(instruction, texts[i] if texts else None),
+                                                      add_generation_prompt=True, tokenize=False)
+                   for i in range(len(audio))]
         # The feature extractor computes in torch and converts to numpy, which has no bfloat16: keep it out
         # of a surrounding autocast (Lightning's bf16-mixed on CPU wraps the training step in one).
         with torch.autocast("cpu", enabled=False):
@@ -470,7 +557,40 @@ class AudioLMPolicy(nn.Module):
             attention_mask=out["attention_mask"],
             input_features=out["input_features"].to(next(self._hf.parameters()).dtype),
             feature_attention_mask=out["feature_attention_mask"],
+            seconds_ignored=tuple(ignored),
         ).to(device)
+
+    def _conversation(self, instruction: str, transcript: str | None) -> list[dict]:
+        """One user turn: the audio, then the (transcript and) instruction; the system prompt if set.
+
+        The audio part carries an ``audio`` key because Qwen2-Audio's published chat template recognises
+        audio by that key only ({"type": "audio"} alone renders no ``<|AUDIO|>``); the waveform itself goes
+        to the processor separately. Qwen2.5-Omni's template accepts the same part.
+        """
+        text = f'Transcript: "{transcript}"\n{instruction}' if transcript else instruction
+        conversation = [{"role": "user", "content": [{"type": "audio", "audio": "<waveform>"},
+                                                     {"type": "text", "text": text}]}]
+        if self.system_prompt is not None:
+            conversation.insert(0, {"role": "system", "content": self.system_prompt})
+        return conversation
+
+    # Running totals of audio cropped to the encoder window (per policy instance, for callers to read).
+    cropped_utterances: int = 0
+    cropped_seconds: float = 0.0
+
+    def _count_cropped(self, seconds_ignored: Sequence[float], window_seconds: float) -> None:
+        """Add one batch's cropped audio to the totals; warn the first time any is cropped."""
+        cropped = [s for s in seconds_ignored if s > 0]
+        if not cropped:
+            return
+        if not self.cropped_utterances:
+            log.warning(
+                "%d of %d waveforms are longer than the encoder's %g s window: %.2f s of audio ignored (cropped). "
+                "Warned once; the policy counts them in cropped_utterances / cropped_seconds, and predictions "
+                "record seconds_ignored per file.", len(cropped), len(seconds_ignored), window_seconds, sum(cropped),
+            )
+        self.cropped_utterances += len(cropped)
+        self.cropped_seconds += sum(cropped)
 
     def encode_prompts(self, prompts: Prompts) -> PromptEmbeds:
         """Run the audio tower once and merge: (B, P, D) prompt embeddings + the cached tower output."""
@@ -603,8 +723,23 @@ class AudioLMPolicy(nn.Module):
         if synced_gpus is None:  # as generate decides it: sharded and more than one rank
             synced_gpus = self.is_sharded and _world_size() > 1
         hf = self._hf
+        fuse = self._can_fuse(self._decoder(hf), hf.lm_head)
+        if fuse and self.is_sharded:
+            # Hybrid engine: the weights are gathered once for the whole rollout; the fused step then issues
+            # no collective per token, so ranks decode independently and may stop at different lengths.
+            with gathered(hf):
+                return self._decode_tokens(pe, group_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                           temperature=temperature, top_k=top_k, top_p=top_p, synced_gpus=False,
+                                           fuse=True)
+        return self._decode_tokens(pe, group_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, synced_gpus=synced_gpus,
+                                   fuse=fuse)
+
+    def _decode_tokens(self, pe: PromptEmbeds, group_size: int, *, max_new_tokens: int, do_sample: bool,
+                       temperature: float, top_k: int, top_p: float, synced_gpus: bool, fuse: bool) -> Tensor:
+        """``_decode``'s loop (see there), with the fused step or the decoder's forward per token."""
+        hf = self._hf
         decoder, embed, lm_head = self._decoder(hf), self._embed(hf), hf.lm_head
-        fuse = self._can_fuse(decoder, lm_head)
         cache = self._shared_prefill(pe, 1 if fuse else group_size)  # the fused step repeats it itself
         prompt_mask = pe.attention_mask.repeat_interleave(group_size, 0)
         n, p = prompt_mask.shape
@@ -653,8 +788,9 @@ class AudioLMPolicy(nn.Module):
         return ids[:, : int(lengths.max())]
 
     def _can_fuse(self, decoder: nn.Module, lm_head: nn.Module) -> bool:
-        """Whether ``_decode`` may run ``FusedDecodeStep``: not "off", unsharded, Qwen2 layers, plain LoRA or none."""
-        if self.fused_decode == "off" or self.is_sharded:
+        """Whether ``_decode`` may run ``FusedDecodeStep``: not "off", Qwen2 layers, plain LoRA or none (an
+        FSDP2-sharded model too: ``_decode`` gathers its weights for the rollout)."""
+        if self.fused_decode == "off":
             return False
         problem = unsupported_for_fusion(decoder, lm_head)
         if problem is not None and problem != self._fusion_refused:
@@ -816,6 +952,21 @@ class AudioLMPolicy(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention, position_ids=positions, past_key_values=past,
                 use_cache=False,
             ).last_hidden_state
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded) DTensor parameter."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: Tensor, target: Tensor) -> Tensor:
+    """``full`` (the same on every rank) in ``target``'s dtype, device and, for a DTensor, its sharding."""
+    full = full.to(device=target.device, dtype=target.dtype)
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, target.device_mesh, target.placements)
+    return full
 
 
 _STOP_CHECK_EVERY = 8  # decode steps between reads of the "all rows finished" flag (a host sync each)
