@@ -6,6 +6,13 @@ Why not Lightning's ``FSDPStrategy``: FSDP1 refuses CPU and breaks ``manual_back
 On top of ``ModelParallelStrategy`` this adds:
 
 - defaults that actually shard on one node (its defaults put all devices on the tensor-parallel axis);
+- a mixed-precision policy: ``param_dtype`` for compute (weights all-gathered in it), ``reduce_dtype`` for
+  the gradient reduce-scatter, while the sharded master weights and the optimizer state stay in the
+  dtype the model was loaded in (fp32 in the shipped recipes);
+- gradients reduced once per optimizer step: ``block_backward_sync`` (used by ``GRPOModule`` for every
+  backward but a step's last) turns FSDP2's reduce-scatter off, so gradients accumulate unsharded in
+  between (``sync_gradients: per_backward`` reduces after every backward instead: less memory for full
+  fine-tuning of a large model, more communication);
 - atomic saves: the ``.distcp`` folder is written to ``<name>.<random>.tmp`` and renamed into place;
 - partial loads: the checkpoint holds only trainable weights (LoRA), so only those keys are read back
   (stock Lightning asks DCP for every parameter and fails on the frozen base weights).
@@ -15,6 +22,8 @@ Config: ``trainer: {strategy: {class_path: emorl_pl.strategies.FSDP2Strategy}, d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +44,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         data_parallel_size: ranks that shard the model; "auto" = all of them.
         save_distributed_checkpoint: True: a folder of per-rank shards; False: one full file (rank 0).
+        param_dtype: compute dtype of the gathered weights (``bfloat16``, ``float16``, ``float32``); None
+            keeps the loaded dtype (no mixed precision).
+        reduce_dtype: dtype of the gradient reduce-scatter; None: ``param_dtype``'s.
+        sync_gradients: ``per_step`` (reduce once per optimizer step) or ``per_backward``.
     """
 
     def __init__(
@@ -42,6 +55,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         data_parallel_size: int | Literal["auto"] = "auto",
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
+        param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        reduce_dtype: Literal["bfloat16", "float16", "float32"] | None = "float32",
+        sync_gradients: Literal["per_step", "per_backward"] = "per_step",
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -50,6 +66,38 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
         )
         self.checkpoint_io = AtomicCheckpointIO()
+        if sync_gradients not in ("per_step", "per_backward"):
+            raise ValueError(f"sync_gradients must be per_step or per_backward, got {sync_gradients!r}")
+        self.sync_gradients = sync_gradients
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+
+    @property
+    def mp_policy(self):
+        """FSDP2's ``MixedPrecisionPolicy`` for ``fully_shard`` (None: no mixed precision)."""
+        if self.param_dtype is None:
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        reduce = getattr(torch, self.reduce_dtype) if self.reduce_dtype else None
+        return MixedPrecisionPolicy(param_dtype=getattr(torch, self.param_dtype), reduce_dtype=reduce)
+
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate unsharded gradients without reduce-scatter; the next backward
+        outside reduces everything accumulated (FSDP2 ``set_requires_gradient_sync``)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
+        if self.sync_gradients == "per_backward" or not units:
+            yield
+            return
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

@@ -54,7 +54,10 @@ def test_paper_recipe_uses_fsdp2_on_8_gpus_with_lr_1e6(capsys):
     )
     assert config["trainer"]["devices"] == 8
     assert config["trainer"]["strategy"]["class_path"] == "emorl_pl.strategies.FSDP2Strategy"
-    assert config["trainer"]["precision"] == "bf16-mixed"
+    # FSDP2's mixed-precision policy (bf16 compute, fp32 reductions and master weights), not autocast.
+    strategy = config["trainer"]["strategy"]["init_args"]
+    assert strategy["param_dtype"] == "bfloat16" and strategy["reduce_dtype"] == "float32"
+    assert config["trainer"]["precision"] in (None, "32-true")
     assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 1e-6
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 _LAYER_CLASSES = ("Qwen2DecoderLayer",)  # Qwen2-Audio's language model; Omni's thinker uses 3-D mrope
 
@@ -40,10 +41,17 @@ _LAYER_CLASSES = ("Qwen2DecoderLayer",)  # Qwen2-Audio's language model; Omni's 
 Projection = tuple[Tensor, "Tensor | None", list[tuple[Tensor, Tensor, float]]]  # W, bias, [(A, B, s)]
 
 
+def _plain_type(module: nn.Module) -> type:
+    """The module's own class; FSDP2's ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
 def projection(module: nn.Module) -> Projection:
     """(W, bias, adapters) of an ``nn.Linear`` or a peft LoRA ``Linear``, no copies: ``apply`` computes
     x W^T + bias + sum s (x A^T) B^T as peft's forward does (no adapters when disabled or merged)."""
-    if type(module) is nn.Linear:
+    if _plain_type(module) is nn.Linear:
         return module.weight, module.bias, []
     base = module.get_base_layer()
     adapters = []
@@ -74,11 +82,11 @@ def apply(x: Tensor, proj: Projection) -> Tensor:
 
 
 def _linear_problem(name: str, module: nn.Module) -> str | None:
-    if type(module) is nn.Linear:
+    if _plain_type(module) is nn.Linear:
         weight = module.weight
     elif hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
-        if type(module.get_base_layer()) is not nn.Linear:
-            return f"{name}: LoRA on a {type(module.get_base_layer()).__name__}, not nn.Linear"
+        if _plain_type(module.get_base_layer()) is not nn.Linear:
+            return f"{name}: LoRA on a {_plain_type(module.get_base_layer()).__name__}, not nn.Linear"
         if getattr(module, "lora_variant", None):
             return f"{name}: LoRA variant {sorted(module.lora_variant)} (e.g. DoRA)"
         if any(module.lora_B[a].bias is not None for a in module.active_adapters if a in module.lora_B):
@@ -86,8 +94,9 @@ def _linear_problem(name: str, module: nn.Module) -> str | None:
         weight = module.get_base_layer().weight
     else:
         return f"{name}: {type(module).__name__}"
-    if type(weight) is not nn.Parameter and type(weight) is not Tensor:
-        return f"{name}: weight is a {type(weight).__name__} (sharded or quantised)"
+    # An FSDP2 shard (DTensor) is fine: the policy gathers the full weights for the rollout first.
+    if type(weight) not in (nn.Parameter, Tensor) and not isinstance(weight, DTensor):
+        return f"{name}: weight is a {type(weight).__name__} (quantised?)"
     return None
 
 
@@ -102,8 +111,8 @@ def unsupported(decoder: nn.Module, lm_head: nn.Module) -> str | None:
     ):
         return "sliding-window attention layers"
     for i, layer in enumerate(layers):
-        if type(layer).__name__ not in _LAYER_CLASSES:
-            return f"layer {i} is a {type(layer).__name__}"
+        if _plain_type(layer).__name__ not in _LAYER_CLASSES:
+            return f"layer {i} is a {_plain_type(layer).__name__}"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if problem := _linear_problem(f"layers.{i}.self_attn.{name}", getattr(layer.self_attn, name)):
                 return problem

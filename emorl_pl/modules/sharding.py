@@ -11,6 +11,9 @@ gathered when called; the root is lazily initialised right away so that it stays
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -34,22 +37,25 @@ def _depth_sorted(model: nn.Module, modules: list[nn.Module]) -> list[nn.Module]
 
 
 def shard_model(
-    model: nn.Module, mesh, *, extra_units: list[nn.Module] = (), reshard_after_forward: bool = True
+    model: nn.Module, mesh, *, extra_units: list[nn.Module] = (), reshard_after_forward: bool = True,
+    mp_policy=None,
 ) -> nn.Module:
     """Apply ``fully_shard`` per transformer block, then to ``extra_units``, then to the root. Idempotent.
 
     ``extra_units``: modules called directly rather than through the root forward (embeddings, the
     decoder stack, lm_head, the audio tower): each must be a unit of its own or its parameters are
-    never gathered. ``mesh`` is the strategy's device mesh (its ``data_parallel`` dimension is used).
+    never gathered. ``mesh`` is the strategy's device mesh (its ``data_parallel`` dimension is used);
+    ``mp_policy`` an FSDP2 ``MixedPrecisionPolicy`` for every unit (None: compute in the loaded dtype).
     """
     from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):
         return model
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for unit in _depth_sorted(model, transformer_blocks(model) + list(extra_units)):
-        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
     # FSDP2 picks as root the first unit that runs forward; the policy calls embed_tokens / the audio
     # tower directly, which would make them roots and the later ``model.generate`` fail ("requires
     # running forward through the root module first"). Initialising now fixes the root to ``model``.
@@ -62,3 +68,27 @@ def full_state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Inside, every FSDP2 unit of ``model`` holds its full (unsharded) weights: gathered once, by the first
+    forward through a unit or by ``unshard()`` here, and kept until the exit reshards them all.
+
+    The rollout's hybrid engine: a decode of T tokens then costs one all-gather round, not T rounds of a
+    unit that reshards after every forward (``reshard_after_forward``), and the decode step may read the
+    weights directly. The units' ``reshard_after_forward`` is True again afterwards (``shard_model``'s).
+    A model without FSDP2 units is left as it is.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
