@@ -1,0 +1,760 @@
+"""Peak GPU memory per rank of a GRPO run, piece by piece, from the model's geometry and the run's settings.
+
+Pure arithmetic (no torch, no Lightning): ``plan(geometry, settings)`` models what the code holds
+(``AudioLMPolicy``, ``GRPOModule``, ``emorl_pl.grpo``, FSDP2 via ``emorl_pl.strategies``): by default the
+code before issue 12 (an unsharded reference copy, units gathered one at a time), with settings for the
+issue-12 changes (``PlanSettings``); ``emorl_pl.plan_cli`` reads the numbers from a model's ``config.json``
+and the run's LightningCLI YAML files. Notation (per rank):
+
+    V vocabulary, D LM hidden, L LM layers, I LM intermediate, kv = kv_heads * head_dim
+    B utterances per batch, G samples per utterance, n = B * G rollout rows, m micro-batch rows
+    P prompt tokens (audio tokens + chat template text), T = max_new_tokens
+    b_p parameter bytes (policy dtype), b_a compute bytes (2 under bf16 autocast or bf16 weights), b_l logits
+    N ranks that shard the model (FSDP2), 1 otherwise
+
+A step goes through stages (prompt encoding, rollout, no-grad log-prob passes, the policy's forward and
+backward per micro-batch, the optimizer step; validation between steps). What is held throughout
+("always": parameters, optimizer moments, the reference copy, ...) adds to each stage's own transient
+pieces; the peak is the largest stage. Every size is an upper bound for the stage's worst moment: the
+longest prompt (``audio_seconds``) and completions that run to ``max_new_tokens``.
+
+Activation sizes per token and layer were counted from what autograd saves (``saved_tensors_hooks``) in
+a transformers 5.17 Qwen2 decoder layer (sdpa) on torch 2.11, for each precision and LoRA mode
+(``layer_activation_bytes``); everything else is counted from the code that allocates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STRATEGIES = ("single", "ddp", "fsdp2")
+MEL_FRAMES_PER_SECOND = 100  # Whisper feature extractor: hop 160 at 16 kHz
+# Chat template + instruction tokens (Qwen2 BPE) of AudioLMPolicy's prompt with the 4 IEMOCAP labels, not
+# counting <|AUDIO|> itself; each further label adds about 2 (", label"). Counted with the real tokenizer.
+TEXT_TOKENS = {"ir": 74, "eur": 94, "esr": 178}
+TEXT_TOKENS_PER_EXTRA_LABEL = 2
+# What a CUDA process holds besides tensors (context, cuBLAS/NCCL workspaces): an allowance, not modelled.
+CUDA_RUNTIME_BYTES = 2 * GiB
+MARGIN = 0.15  # the plan asks for this much headroom below the GPU's memory
+
+
+# ------------------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The shapes that set memory: a Qwen2 language model and a Whisper-style audio encoder (Qwen2-Audio).
+
+    ``projector``: Qwen2-Audio's linear map from the encoder width to D (with bias); 0 when the encoder
+    projects itself. ``window_seconds``: the encoder's fixed input window (audio is padded to it).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool = False
+    audio_d_model: int = 1280
+    audio_layers: int = 32
+    audio_heads: int = 20
+    audio_ffn: int = 5120
+    num_mel_bins: int = 128
+    max_source_positions: int = 1500
+    projector: bool = True
+    name: str = "model"
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def window_seconds(self) -> float:
+        return 2 * self.max_source_positions / MEL_FRAMES_PER_SECOND
+
+
+def lm_layer_params(g: ModelGeometry) -> int:
+    """One Qwen2 decoder layer: q (D x D + D), k and v (D x kv + kv each), o (D x D, no bias),
+    gate and up (D x I each), down (I x D), two RMSNorm weights (D each)."""
+    d, kv, inter = g.hidden_size, g.kv_dim, g.intermediate_size
+    return (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * inter + 2 * d
+
+
+def embedding_params(g: ModelGeometry) -> int:
+    return g.vocab_size * g.hidden_size
+
+
+def lm_params(g: ModelGeometry) -> int:
+    """embed (V x D) + L layers + final norm (D) + lm_head (V x D, unless tied to the embedding)."""
+    head = 0 if g.tie_word_embeddings else embedding_params(g)
+    return embedding_params(g) + g.num_layers * lm_layer_params(g) + g.hidden_size + head
+
+
+def audio_layer_params(g: ModelGeometry) -> int:
+    """One encoder layer: q, v, o (d x d + d), k (d x d, no bias), fc1 (d x f + f), fc2 (f x d + d), two
+    LayerNorms (2d each)."""
+    d, f = g.audio_d_model, g.audio_ffn
+    return 3 * (d * d + d) + d * d + (d * f + f) + (f * d + d) + 4 * d
+
+
+def audio_params(g: ModelGeometry) -> int:
+    """conv1 (mels x d x 3 + d), conv2 (d x d x 3 + d), positions (S x d), layers, final LayerNorm (2d),
+    and the projector to the LM width (d x D + D)."""
+    d = g.audio_d_model
+    convs = (g.num_mel_bins * d * 3 + d) + (d * d * 3 + d)
+    projector = d * g.hidden_size + g.hidden_size if g.projector else 0
+    return convs + g.max_source_positions * d + g.audio_layers * audio_layer_params(g) + 2 * d + projector
+
+
+def total_params(g: ModelGeometry) -> int:
+    return lm_params(g) + audio_params(g)
+
+
+def lora_params(g: ModelGeometry, rank: int, targets: Sequence[str] = LM_PROJECTIONS) -> int:
+    """LoRA on the LM's projections: r x (in + out) per targeted projection per layer (A: r x in, B: out x r)."""
+    d, kv, inter = g.hidden_size, g.kv_dim, g.intermediate_size
+    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+              "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+    unknown = sorted(set(targets) - set(shapes))
+    if unknown:
+        raise ValueError(f"LoRA target_modules {unknown} are not LM projections {sorted(shapes)}")
+    return g.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def audio_tokens(seconds: float, window_seconds: float = 30.0) -> int:
+    """<|AUDIO|> expands to ((F - 1) // 2 + 1 - 2) // 2 + 1 tokens for F = 100 * seconds mel frames
+    (two stride-2 stages, conv2 then pooling), audio cropped to the encoder window: 30 s -> 750, 8 s -> 200."""
+    frames = int(round(min(seconds, window_seconds) * MEL_FRAMES_PER_SECOND))
+    if frames < 1:
+        raise ValueError(f"audio_seconds must be > 0, got {seconds}")
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def text_tokens(mode: str, num_labels: int = 4) -> int:
+    """Prompt tokens besides the audio: system turn, ``Audio 1:`` line, instruction, generation prompt."""
+    if mode not in TEXT_TOKENS:
+        raise ValueError(f"mode must be one of {sorted(TEXT_TOKENS)}, got {mode!r}")
+    return TEXT_TOKENS[mode] + TEXT_TOKENS_PER_EXTRA_LABEL * max(num_labels - 4, 0)
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class PlanSettings:
+    """One rank's view of a run. ``lora_rank`` None = full fine-tuning of the language model.
+
+    ``device`` "cuda" adds the runtime allowance and AdamW's foreach temporaries; "cpu" (to compare with
+    a CPU measurement) uses AdamW's per-tensor loop.
+
+    FSDP2Strategy options (issue 12): ``fsdp_param_dtype``, its mixed-precision policy (weights gathered
+    and computed in that dtype, sharded masters and moments stay in the policy dtype); ``fsdp_sync``
+    "per_step" keeps gradients unsharded between the backward passes of one optimizer step.
+    ``reference_sharded`` (full fine-tuning: the reference sharded like the policy, in ``reference_dtype``
+    or else the compute dtype) and ``rollout_gathered`` (the whole model gathered for the rollout, the
+    "hybrid engine") describe the issue-12 code; the defaults describe the code before it (an unsharded
+    reference copy in the policy dtype on every rank; units gathered one at a time).
+    """
+
+    batch_size: int
+    group_size: int
+    prompt_tokens: int
+    max_new_tokens: int
+    micro_batch_size: int
+    lora_rank: int | None = None
+    lora_targets: tuple[str, ...] = LM_PROJECTIONS
+    lora_dropout: float = 0.0
+    policy_dtype: str = "float32"
+    precision: str = "32-true"
+    strategy: str = "single"
+    num_gpus: int = 1
+    gradient_checkpointing: bool = False
+    beta: float = 0.04
+    num_iterations: int = 1
+    accumulate_grad_batches: int = 1
+    freeze_audio_tower: bool = True
+    fused_decode: str = "adapters"
+    eval_batch_size: int = 0
+    eval_max_new_tokens: int | None = None
+    device: str = "cuda"
+    fsdp_param_dtype: str | None = None
+    fsdp_sync: str = "per_backward"
+    reference_sharded: bool = False
+    reference_dtype: str | None = None
+    rollout_gathered: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "group_size", "prompt_tokens", "max_new_tokens", "micro_batch_size",
+                     "num_gpus", "num_iterations", "accumulate_grad_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("policy_dtype", "reference_dtype", "fsdp_param_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPE_BYTES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
+        if self.fsdp_sync not in ("per_step", "per_backward"):
+            raise ValueError(f"fsdp_sync must be per_step or per_backward, got {self.fsdp_sync!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1 or None (full fine-tuning), got {self.lora_rank}")
+
+    # ----------------------------------------------------------------- derived quantities
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank is not None
+
+    @property
+    def shards(self) -> int:
+        """Ranks that share each parameter: FSDP2 shards over all of them."""
+        return self.num_gpus if self.strategy == "fsdp2" else 1
+
+    @property
+    def param_bytes(self) -> int:
+        """Parameter bytes: the policy dtype, or 2 under a "-true" 16-bit precision (Lightning converts)."""
+        if self.precision.endswith("-true") and self.precision.startswith(("bf16", "16")):
+            return 2
+        return DTYPE_BYTES[self.policy_dtype]
+
+    @property
+    def trainable_bytes(self) -> int:
+        """Bytes of a trainable parameter (and of its gradient and AdamW moments): peft keeps LoRA adapters in
+        fp32 next to 16-bit base weights (``autocast_adapter_dtype``); full fine-tuning trains the weights."""
+        return 4 if self.lora else self.param_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights the computation sees: FSDP2's ``param_dtype`` when set, else the parameters'."""
+        if self.strategy == "fsdp2" and self.fsdp_param_dtype:
+            return DTYPE_BYTES[self.fsdp_param_dtype]
+        return self.param_bytes
+
+    @property
+    def autocast(self) -> bool:
+        """bf16/fp16 autocast over fp32 weights (Lightning's "-mixed" precisions)."""
+        return self.precision.endswith("-mixed") and self.weight_bytes == 4
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of matmul outputs (activations, KV cache, logits): 2 under autocast or 16-bit weights."""
+        return 2 if self.autocast or self.weight_bytes == 2 else 4
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.group_size
+
+    @property
+    def micro_rows(self) -> int:
+        return min(self.micro_batch_size, self.rows)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Backward passes that add into the same gradients before an optimizer step."""
+        return self.accumulate_grad_batches * math.ceil(self.rows / self.micro_rows)
+
+    @property
+    def shared_prompt(self) -> bool:
+        """``completion_logps`` in grad mode runs each prompt once and indexes its keys/values out to the
+        rows (``_shared_prompt_hidden``) unless the model is FSDP2-sharded (then: full sequences)."""
+        return self.strategy != "fsdp2"
+
+    @property
+    def reference_bytes(self) -> int:
+        """The reference copy's dtype: given, else the compute dtype when sharded (issue 12), else the policy's."""
+        if self.reference_dtype:
+            return DTYPE_BYTES[self.reference_dtype]
+        return self.weight_bytes if self.reference_sharded else self.param_bytes
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    bytes: float
+    detail: str = ""
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GiB
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A moment of the step: its transient pieces, on top of the pieces held throughout."""
+
+    name: str
+    pieces: tuple[Piece, ...]
+
+    @property
+    def bytes(self) -> float:
+        return sum(p.bytes for p in self.pieces)
+
+
+@dataclass(frozen=True)
+class Plan:
+    geometry: ModelGeometry
+    settings: PlanSettings
+    always: tuple[Piece, ...]
+    stages: tuple[Stage, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def always_bytes(self) -> float:
+        return sum(p.bytes for p in self.always)
+
+    @property
+    def peak_stage(self) -> Stage:
+        return max(self.stages, key=lambda s: s.bytes)
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.always_bytes + self.peak_stage.bytes
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GiB
+
+    def stage_total_gib(self, stage: Stage) -> float:
+        return (self.always_bytes + stage.bytes) / GiB
+
+    def piece(self, name: str) -> Piece:
+        """The piece named ``name`` (held throughout, else in the peak stage, else in any stage)."""
+        for p in (*self.always, *self.peak_stage.pieces, *(q for s in self.stages for q in s.pieces)):
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def trainable_params(g: ModelGeometry, s: PlanSettings) -> int:
+    """LoRA: the adapters; full fine-tuning: the language model, plus the audio tower when not frozen."""
+    if s.lora:
+        return lora_params(g, s.lora_rank, s.lora_targets)
+    return lm_params(g) + (0 if s.freeze_audio_tower else audio_params(g))
+
+
+def _dtype_name(nbytes: int) -> str:
+    return {4: "fp32", 2: "bf16"}[nbytes]
+
+
+def _shard_note(s: PlanSettings) -> str:
+    return f", 1/{s.shards} per rank" if s.shards > 1 else ""
+
+
+def layer_activation_bytes(g: ModelGeometry, s: PlanSettings, kv_len: int) -> float:
+    """Bytes autograd saves per query token in one decoder layer (no checkpointing), input included:
+
+        a_D * D + a_I * I + kv_len * b_mask + (LoRA) targets * r * b_lora
+
+    with (a_D, a_I), counted per precision and LoRA mode:
+
+                          full FT    LoRA, dropout 0   LoRA, dropout > 0
+        fp32              40, 16         32, 16             72, 20
+        bf16 autocast     34,  8         28,  8             52, 12
+        bf16 weights      24,  8         40, 10             64, 14
+
+    (LoRA saves less than full fine-tuning where a frozen weight needs no saved input, e.g. the RMSNorm
+    weights; dropout saves a dropped copy of each projection input; peft keeps adapters in fp32 next to
+    bf16 weights, whose inputs it upcasts.) ``b_mask * kv_len``: SDPA's attention mask row, one per layer
+    (2 bytes under 16-bit compute, else 4).
+    """
+    table = {
+        "fp32": {None: (40, 16), "plain": (32, 16), "dropout": (72, 20)},
+        "autocast": {None: (34, 8), "plain": (28, 8), "dropout": (52, 12)},
+        "bf16": {None: (24, 8), "plain": (40, 10), "dropout": (64, 14)},
+    }
+    mode = "autocast" if s.autocast else ("bf16" if s.weight_bytes == 2 else "fp32")
+    lora = None if not s.lora else ("dropout" if s.lora_dropout > 0 else "plain")
+    a_d, a_i = table[mode][lora]
+    lora_out = len(s.lora_targets) * s.lora_rank * (4 if s.weight_bytes == 2 else s.act_bytes) if s.lora else 0
+    return a_d * g.hidden_size + a_i * g.intermediate_size + kv_len * s.act_bytes + lora_out
+
+
+def _gathered_fraction(s: PlanSettings) -> float:
+    """What a gathered weight adds to its local shard: the other ranks' part, or all of it when FSDP2
+    gathers in another dtype (``param_dtype``) than the sharded master."""
+    return 1.0 if s.weight_bytes != s.param_bytes else 1 - 1 / s.shards
+
+
+def _fsdp_gathered(g: ModelGeometry, s: PlanSettings) -> Piece | None:
+    """FSDP2 all-gathers one unit's full weights while it runs (and prefetches the next in backward):
+    the largest unit (embed_tokens or lm_head, V x D) plus one decoder layer, in the compute dtype."""
+    if s.shards == 1:
+        return None
+    largest = max(embedding_params(g), lm_layer_params(g), audio_layer_params(g))
+    size = (largest + lm_layer_params(g)) * _gathered_fraction(s) * s.weight_bytes
+    return Piece("FSDP2 all-gathered weights", size, "the largest unit (V x D) + one decoder layer")
+
+
+def _kv_bytes(g: ModelGeometry, rows: int, tokens: int, nbytes: int) -> float:
+    """rows x tokens x L x 2 (keys, values) x kv_heads x head_dim x bytes."""
+    return rows * tokens * g.num_layers * 2 * g.kv_dim * nbytes
+
+
+def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> float:
+    """No-grad audio tower on the padded window, per utterance: mel features (mels x 2S, fp32), conv1
+    output (d x 2S), then per layer hidden, residual, q/k/v/attention output (S x d each) and the FFN
+    (S x f); SDPA's efficient kernels keep no S x S scores (the math kernel on CPU does: heads x S x S)."""
+    frames, positions = 2 * g.max_source_positions, g.max_source_positions
+    d, b = g.audio_d_model, s.act_bytes
+    per = g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b
+    if s.device == "cpu":
+        per += g.audio_heads * positions * positions * 4
+    return utterances * per
+
+
+def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
+    """``completion_logps`` -> ``lm_head`` over (rows, T, D) -> logits (rows, T, V) in b_l, kept for
+    ``_SelectiveLogSoftmax``'s backward; its forward and backward work one row at a time (chunk_size=1):
+    forward logsumexp makes 2 (T, V) fp32 temporaries (+ 1 upcast copy of bf16 logits); backward makes the
+    (rows, T, V) gradient in b_l and, per row, an fp32 softmax (+ the upcast copy)."""
+    t, v, b = s.max_new_tokens, g.vocab_size, s.act_bytes
+    logits = rows * t * v * b
+    upcast = t * v * 4 if b != 4 else 0
+    if not grad:
+        return (Piece("logits (rows, T, V)", logits, f"{rows} rows x {t} x {v} x {b} B"),
+                Piece("log-softmax chunk temporaries", 2 * t * v * 4 + upcast, "per row, fp32"))
+    return (Piece("logits (rows, T, V), kept for backward", logits, f"{rows} rows x {t} x {v} x {b} B"),
+            Piece("gradient of the logits", logits, "same shape"),
+            Piece("log-softmax chunk temporaries", t * v * 4 + 2 * upcast, "per row, fp32"))
+
+
+def _query_tokens(s: PlanSettings, rows: int, shared: bool) -> tuple[int, int]:
+    """(query tokens through the decoder, key length) of one log-prob pass over ``rows`` rows.
+
+    Shared prompt: U = ceil(rows / G) unique prompts of P - 1 tokens once, then T tokens per row;
+    full sequences: P + T tokens per row."""
+    p, t = s.prompt_tokens, s.max_new_tokens
+    if shared:
+        unique = min(s.batch_size, math.ceil(rows / s.group_size))
+        return unique * (p - 1) + rows * t, p + t
+    return rows * (p + t), p + t
+
+
+def _policy_stages(g: ModelGeometry, s: PlanSettings, gathered: Piece | None) -> list[Stage]:
+    """The policy's forward + backward of one micro-batch of m rows, at its two worst moments:
+
+    1. backward starts: every saved activation + logits + their gradient + chunk temporaries;
+    2. backward of a decoder layer: saved activations left + the gradients so far (+ with checkpointing,
+       that layer's recomputed activations) + a working set of (2 D b_p + 2 I b_a) per token.
+
+    Saved activations: without checkpointing, L x tokens x ``layer_activation_bytes`` (plus, under
+    autocast over fp32 weights, the bf16 weight copies each matmul keeps: 2 B per LM layer parameter);
+    with checkpointing, each layer keeps only its input, L x tokens x D x b_p. The shared-prompt path
+    also keeps the prompt's keys/values indexed to the m rows for every layer (m x (P-1) x L x 2 x kv x b_a),
+    and without checkpointing the concatenated [past ; new] keys/values per layer as well.
+    Gradients: with one micro-batch per optimizer step they are created during this backward (the
+    larger of its two ends: all layers' inputs + lm_head's gradient, or one input + every gradient);
+    with more, all exist from the second micro-batch on.
+    """
+    m = s.micro_rows
+    tokens, kv_len = _query_tokens(s, m, s.shared_prompt)
+    n_layer = layer_activation_bytes(g, s, kv_len)
+    b = s.act_bytes
+    saved: list[Piece] = []
+    if s.gradient_checkpointing:
+        per_layer_saved = tokens * g.hidden_size * s.weight_bytes  # the residual stream: the embedding's dtype
+        saved.append(Piece("activations: layer inputs (checkpointing)", g.num_layers * per_layer_saved,
+                           f"L x {tokens} tokens x D x {s.weight_bytes} B"))
+    else:
+        per_layer_saved = tokens * n_layer
+        saved.append(Piece("activations: saved for backward", g.num_layers * per_layer_saved,
+                           f"L x {tokens} tokens x {n_layer / 1024:.1f} KiB"))
+    if s.autocast:  # each matmul keeps the bf16 cast of its fp32 weight for the input's gradient
+        layers = 0 if s.gradient_checkpointing else g.num_layers * lm_layer_params(g)
+        saved.append(Piece("bf16 weight copies kept by autocast", (layers + embedding_params(g)) * 2,
+                           "lm_head" + ("" if s.gradient_checkpointing else " + every LM layer") + ", 2 B each"))
+    if s.shared_prompt:
+        past = _kv_bytes(g, m, s.prompt_tokens - 1, b) * (1 if s.gradient_checkpointing else 2)
+        saved.append(Piece("prompt keys/values indexed to the rows", past,
+                           "m x (P-1) x L x 2 x kv" + ("" if s.gradient_checkpointing else ", and [past ; new]")))
+    lm_head_in = m * s.max_new_tokens * g.hidden_size * (b if s.autocast else s.weight_bytes)
+    if not s.autocast and not s.shared_prompt:  # lm_head keeps a view of the whole last hidden state
+        lm_head_in = m * (s.prompt_tokens + s.max_new_tokens) * g.hidden_size * s.weight_bytes
+    saved.append(Piece("lm_head input", lm_head_in, "m x T x D"))
+
+    grads = trainable_params(g, s) * s.trainable_bytes / s.shards
+    head_grad = 0 if s.lora else embedding_params(g) * s.param_bytes / s.shards
+    layer_grad = (lora_params(g, s.lora_rank, s.lora_targets) / g.num_layers if s.lora
+                  else lm_layer_params(g)) * s.trainable_bytes / s.shards
+    many = s.micro_batches_per_step > 1
+    extra = [gathered] if gathered else []
+    head_unsharded, layer_unsharded = [], []
+    if gathered and not s.lora:  # a unit's gradient is whole until its reduce-scatter (+ that op's input)
+        head_unsharded = [Piece("FSDP2 unsharded lm_head gradient", embedding_params(g) * s.weight_bytes,
+                                "V x D, before its reduce-scatter")]
+        layer_unsharded = [Piece("FSDP2 unsharded layer gradient", 2 * lm_layer_params(g) * s.weight_bytes,
+                                 "one layer + its reduce-scatter input")]
+
+    unsharded_accumulation = many and s.shards > 1 and s.fsdp_sync == "per_step"
+    if unsharded_accumulation:  # FSDP2 reduce-scatters only at the step's last backward
+        grads = trainable_params(g, s) * s.trainable_bytes
+    logits_stage = [*saved, *_logits_pieces(g, s, m, grad=True), *extra, *head_unsharded]
+    if many:
+        logits_stage.append(Piece("gradients (earlier micro-batches)", grads,
+                                  "unsharded (FSDP2 sync per_step)" if unsharded_accumulation
+                                  else _shard_note(s).lstrip(", ")))
+
+    saved_total = sum(p.bytes for p in saved)
+    others = saved_total - g.num_layers * per_layer_saved
+    at_top = g.num_layers * per_layer_saved + (grads if many else head_grad + layer_grad)
+    at_bottom = per_layer_saved + grads
+    layer_stage = [Piece("saved activations left + gradients so far", others + max(at_top, at_bottom),
+                         "the larger of the two ends of the backward")]
+    if s.gradient_checkpointing:
+        copies = lm_layer_params(g) * 2 if s.autocast else 0
+        layer_stage.append(Piece("one layer recomputed (checkpointing)", tokens * n_layer + copies,
+                                 f"{tokens} tokens x {n_layer / 1024:.1f} KiB" + (" + its bf16 weights" if copies else "")))
+    layer_stage.append(Piece("backward working set of one layer",
+                             tokens * (2 * g.hidden_size * s.weight_bytes + 2 * g.intermediate_size * b),
+                             "(2 D + 2 I) per token"))
+    layer_stage += [*extra, *layer_unsharded]
+    return [Stage("policy forward+backward: logits", tuple(logits_stage)),
+            Stage("policy forward+backward: decoder layers", tuple(layer_stage))]
+
+
+def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
+    """Peak memory per rank of ``s`` on ``g`` (see the module docstring for the notation)."""
+    n_total, n_train = total_params(g), trainable_params(g, s)
+    b_p, b, b_t = s.param_bytes, s.act_bytes, s.trainable_bytes
+    p_len, t = s.prompt_tokens, s.max_new_tokens
+    notes: list[str] = []
+
+    adapters = n_train if s.lora else 0
+    always = [Piece("parameters", (n_total * b_p + adapters * b_t) / s.shards,
+                    f"{n_total / 1e9:.2f} B x {b_p} B ({_dtype_name(b_p)}{_shard_note(s)})"
+                    + (f" + {adapters / 1e6:.0f} M adapters x {b_t} B" if s.lora else ""))]
+    grads = n_train * b_t / s.shards
+    always.append(Piece("optimizer: AdamW exp_avg + exp_avg_sq", 2 * grads,
+                        f"2 x {n_train / 1e9:.3g} B trainable x {b_t} B{_shard_note(s)}"))
+    if b_t == 4:
+        compute = ("bf16 autocast" if s.autocast else f"FSDP2 param_dtype {s.fsdp_param_dtype}"
+                   if s.weight_bytes == 2 else "fp32")
+        notes.append(f"master weights: none besides the trained parameters themselves (fp32; compute: {compute})")
+    else:
+        notes.append("master weights: none; trained weights and AdamW moments are 16-bit (pure 16-bit training)")
+    if s.lora:
+        always.append(Piece("reference model", 0.0, "LoRA: the same weights with the adapters off"))
+    else:
+        ref_shards = s.shards if s.reference_sharded else 1
+        ref = n_total * s.reference_bytes / ref_shards
+        where = f"sharded 1/{ref_shards}" if ref_shards > 1 else "unsharded, on every rank"
+        always.append(Piece("reference model: frozen copy", ref,
+                            f"{n_total / 1e9:.2f} B x {s.reference_bytes} B, {where}"))
+        if not s.reference_sharded and s.reference_dtype is None:
+            notes.append("reference: today AudioLMPolicy.load deep-copies the whole model in the policy dtype, "
+                         "unsharded on every rank, even with beta = 0 (issue 12: shard it, in bf16)")
+    if s.strategy == "ddp":
+        always.append(Piece("DDP gradient buckets", grads, "a flat copy of the gradients"))
+    if s.num_gpus > 1:
+        # Before issue 12 the reference is a deep copy next to the loaded model; after, it is loaded once the
+        # policy is sharded, so one full copy is in host RAM at a time.
+        copy_too = not s.lora and not s.reference_sharded
+        host = n_total * (b_p + (s.reference_bytes if copy_too else 0)) / GiB
+        notes.append(f"host RAM while loading: each of the {s.num_gpus} processes loads the whole model on the CPU in "
+                     f"the policy dtype{' and deep-copies the reference' if copy_too else ''} before sharding: "
+                     f"{s.num_gpus} x {host:.1f} = {s.num_gpus * host:.0f} GiB")
+    rollout_buffers = s.accumulate_grad_batches * (
+        s.batch_size * p_len * g.hidden_size * b_p  # prompt embeddings
+        + s.batch_size * audio_tokens(g.window_seconds, g.window_seconds) * g.audio_d_model * b  # tower output
+        + s.rows * t * (8 + 8 + 4 * 4))  # ids, mask, advantages/mask/ref/old log-probs
+    always.append(Piece("rollout buffers", rollout_buffers, "prompt embeddings, audio features, ids, log-probs"))
+    if s.device == "cuda":
+        always.append(Piece("CUDA context, NCCL, workspaces (allowance)", CUDA_RUNTIME_BYTES, "not modelled"))
+
+    gathered = _fsdp_gathered(g, s)
+    extra = [gathered] if gathered else []
+    # Under autocast every matmul casts its fp32 weight to bf16 while it runs; lm_head's is the largest.
+    cast = [Piece("bf16 cast of lm_head's weight (autocast)", embedding_params(g) * 2, "V x D x 2 B, while it runs")
+            ] if s.autocast else []
+    stages: list[Stage] = []
+
+    # Prompt encoding: the audio tower once per utterance, no grad.
+    stages.append(Stage("prompt encoding (audio tower)", (
+        Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.batch_size),
+              f"{s.batch_size} x {g.max_source_positions} positions"), *extra)))
+
+    # Rollout: shared prefill of B prompts, G-times repeated into a (n, P + T) cache, decode n rows.
+    fused = s.fused_decode != "off" and s.shards == 1
+    rollout = [Piece("KV cache of the rollout", _kv_bytes(g, s.rows, p_len + t, b),
+                     f"{s.rows} rows x ({p_len} + {t}) x L x 2 x kv x {b} B"),
+               Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it"),
+               Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4 + 8), "logits, probabilities, fp64 CDF")]
+    if s.fused_decode == "merged" and fused:
+        lm_projections = g.num_layers * (lm_layer_params(g) - 2 * g.hidden_size)
+        rollout.append(Piece("merged projection weights", lm_projections * b_p, "fused_decode: merged"))
+    rollout_extra = extra
+    if s.rollout_gathered and s.shards > 1 and s.fused_decode != "off":
+        rollout_extra = [Piece("every FSDP2 unit gathered (hybrid engine)", n_total * s.weight_bytes * _gathered_fraction(s),
+                               f"the whole model in {s.weight_bytes} B for the rollout")]
+    stages.append(Stage("rollout", (*rollout, *rollout_extra, *cast)))
+
+    # Reference (beta > 0) and sampling-policy (mu > 1) log-probs: no grad, m rows at a time.
+    if s.beta > 0 or s.num_iterations > 1:
+        m = s.micro_rows
+        tokens, kv_len = _query_tokens(s, m, shared=True)
+        unique = min(s.batch_size, math.ceil(m / s.group_size))
+        # The full-fine-tuning reference is its own unsharded copy: nothing to gather for it (today).
+        ref_extra = [] if (s.beta > 0 and not s.lora and not s.reference_sharded) else extra
+        nograd = [Piece("prompt keys/values (recorded + indexed to the rows)",
+                        _kv_bytes(g, unique + m, p_len - 1, b), "(U + m) x (P-1) x L x 2 x kv"),
+                  Piece("last hidden state", m * t * g.hidden_size * 4, "m x T x D"),
+                  *_logits_pieces(g, s, m, grad=False), *ref_extra, *cast]
+        name = "reference log-probs (no grad)" if s.beta > 0 else "sampling-policy log-probs (no grad)"
+        stages.append(Stage(name, tuple(nograd)))
+
+    stages += _policy_stages(g, s, gathered)
+    if not s.freeze_audio_tower:
+        notes.append("audio tower trainable: its activations during the policy pass are not modelled")
+
+    # Optimizer step: every gradient + AdamW's temporaries (foreach on GPU: sqrt(exp_avg_sq) of all
+    # trainable tensors at once; per tensor on CPU: two temporaries the size of the largest).
+    if s.device == "cuda":
+        adam_tmp = grads
+    else:
+        largest = (s.lora_rank * max(g.hidden_size, g.intermediate_size) if s.lora
+                   else max(embedding_params(g), g.hidden_size * g.intermediate_size))
+        adam_tmp = 2 * largest * b_t
+    optimizer = [Piece("gradients", grads, f"{n_train / 1e9:.3g} B x {b_t} B{_shard_note(s)}"),
+                 Piece("AdamW step temporaries", adam_tmp, "foreach" if s.device == "cuda" else "per tensor")]
+    if s.strategy == "ddp":
+        optimizer.append(Piece("(DDP buckets counted above)", 0.0))
+    stages.append(Stage("optimizer step", tuple(optimizer)))
+
+    # Validation / test between steps: greedy decoding of eval_batch_size utterances, one sample each.
+    if s.eval_batch_size:
+        t_eval = s.eval_max_new_tokens or t
+        stages.append(Stage("validation (greedy)", (
+            Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.eval_batch_size),
+                  f"{s.eval_batch_size} x {g.max_source_positions} positions"),
+            Piece("KV cache", _kv_bytes(g, s.eval_batch_size, p_len + t_eval, b),
+                  f"{s.eval_batch_size} rows x ({p_len} + {t_eval})"),
+            Piece("sampling temporaries", s.eval_batch_size * g.vocab_size * 8, "logits, argmax"), *rollout_extra,
+            *cast)))
+    return Plan(g, s, tuple(always), tuple(stages), tuple(notes))
+
+
+# ------------------------------------------------------------------------------------- verdict, fixes
+def verdict(peak_gib: float, limit_gib: float, margin: float = MARGIN) -> str:
+    """"fits" (at least ``margin`` below the limit), "tight" (fits, less headroom) or "does not fit"."""
+    if peak_gib <= (1 - margin) * limit_gib:
+        return "fits"
+    return "tight" if peak_gib <= limit_gib else "does not fit"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    change: str
+    settings: PlanSettings
+    peak_gib: float
+    verdict: str
+    combined: bool = False  # several changes together (none fitted alone)
+
+
+Change = tuple[str, dict]  # (what to change, the PlanSettings fields it sets)
+
+
+def _ladders(s: PlanSettings) -> list[list[Change]]:
+    """Changes that lower memory, in the order worth trying; each a ladder of ever stronger rungs."""
+    out: list[list[Change]] = []
+    if not s.lora:
+        if s.strategy == "fsdp2" and not (s.reference_sharded and s.reference_dtype == "bfloat16"):
+            out.append([("reference sharded over the ranks, in bf16 (issue 12; not in today's code)",
+                         {"reference_sharded": True, "reference_dtype": "bfloat16"})])
+        elif s.strategy != "fsdp2" and s.reference_bytes == 4:
+            out.append([("reference copy in bf16 (issue 12; not in today's code)", {"reference_dtype": "bfloat16"})])
+        out.append([("LoRA r=64 on the LM projections (policy.init_args.lora: {r: 64, alpha: 128})",
+                     {"lora_rank": 64, "lora_targets": LM_PROJECTIONS})])
+    if not s.gradient_checkpointing:
+        out.append([("gradient checkpointing (policy.init_args.gradient_checkpointing: true)",
+                     {"gradient_checkpointing": True})])
+    rungs, m = [], s.micro_rows
+    while m > 1:
+        m //= 2
+        rungs.append((f"micro_batch_size {m}", {"micro_batch_size": m}))
+    if rungs:
+        out.append(rungs)
+    if s.lora and s.param_bytes == 4:
+        out.append([("frozen base weights in bf16 (policy.init_args.dtype: bfloat16; peft keeps adapters fp32)",
+                     {"policy_dtype": "bfloat16"})])
+    if s.fused_decode == "merged":
+        out.append([("fused_decode: adapters (no merged weight copy)", {"fused_decode": "adapters"})])
+    gpus = s.num_gpus if s.strategy == "fsdp2" else 1
+    out.append([(f"FSDP2 over {k * gpus} GPUs (strategy emorl_pl.strategies.FSDP2Strategy)",
+                 {"strategy": "fsdp2", "num_gpus": k * gpus}) for k in (2, 4, 8)])
+    return out
+
+
+def _first_fitting(g: ModelGeometry, s: PlanSettings, ladder: list[Change], limit_gib: float,
+                   margin: float) -> Change:
+    """The first rung that fits with the margin, else the last (strongest) one."""
+    for change in ladder:
+        if verdict(plan(g, dataclasses.replace(s, **change[1])).peak_gib, limit_gib, margin) == "fits":
+            return change
+    return ladder[-1]
+
+
+def suggestions(g: ModelGeometry, s: PlanSettings, limit_gib: float, margin: float = MARGIN) -> list[Suggestion]:
+    """What to change when ``s`` does not fit with the margin. First each kind of change alone that lowers
+    the peak by more than 1% (for a ladder such as the micro-batch size or the GPU count: its first rung
+    that fits, else its strongest). If none fits alone, a combination, built greedily: from the current
+    settings apply the change that lowers the peak most, until the plan fits or nothing helps; changes
+    that a later one made useless are dropped. Empty when ``s`` already fits with the margin."""
+    if verdict(plan(g, s).peak_gib, limit_gib, margin) == "fits":
+        return []
+    out = [x for x in _best_changes(g, s, limit_gib, margin) if x.peak_gib <= 0.99 * plan(g, s).peak_gib]
+    if any(x.verdict == "fits" for x in out):
+        return out
+    steps: list[Change] = []
+    current = s
+    for _ in range(8):
+        options = _best_changes(g, current, limit_gib, margin)
+        if not options:
+            break
+        best = min(options, key=lambda x: x.peak_gib)
+        if best.peak_gib > 0.99 * plan(g, current).peak_gib:
+            break
+        steps.append((best.change, _diff(current, best.settings)))
+        current = best.settings
+        if best.verdict == "fits":
+            break
+    steps = _prune(g, s, steps)
+    if len(steps) > 1:
+        peak = plan(g, current := _apply(s, steps)).peak_gib
+        out.append(Suggestion(" + ".join(name for name, _ in steps), current, peak, verdict(peak, limit_gib, margin),
+                              combined=True))
+    return out
+
+
+def _best_changes(g: ModelGeometry, s: PlanSettings, limit_gib: float, margin: float) -> list[Suggestion]:
+    """Per ladder of ``_ladders(s)``: its first rung that fits, else its strongest, with the new peak."""
+    out = []
+    for ladder in _ladders(s):
+        name, fields = _first_fitting(g, s, ladder, limit_gib, margin)
+        new = dataclasses.replace(s, **fields)
+        peak = plan(g, new).peak_gib
+        out.append(Suggestion(name, new, peak, verdict(peak, limit_gib, margin)))
+    return out
+
+
+def _diff(old: PlanSettings, new: PlanSettings) -> dict:
+    return {f.name: getattr(new, f.name) for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(old, f.name)}
+
+
+def _apply(s: PlanSettings, steps: Sequence[Change]) -> PlanSettings:
+    for _, fields in steps:
+        s = dataclasses.replace(s, **fields)
+    return s
+
+
+def _prune(g: ModelGeometry, s: PlanSettings, steps: list[Change]) -> list[Change]:
+    """Drop each step whose removal leaves the combined peak within 0.5% (a later step made it moot)."""
+    kept = list(steps)
+    for step in list(steps):
+        without = [x for x in kept if x is not step]
+        if without and plan(g, _apply(s, without)).peak_bytes <= 1.005 * plan(g, _apply(s, kept)).peak_bytes:
+            kept = without
+    return kept

@@ -1,0 +1,437 @@
+"""``emorl-plan``: will this recipe fit? Peak GPU memory per rank, piece by piece, before anything is loaded.
+
+    emorl-plan -c configs/trainer/fsdp2_8gpu.yaml --model configs/model/emorl_qwen2_audio_7b.yaml \\
+        --data configs/data/iemocap.yaml --model-config configs/model/qwen2_audio_7b_config.json
+
+Reads the same LightningCLI YAML files as ``emorl fit`` (``-c`` whole configs, ``--model`` / ``--data`` /
+``--trainer`` section files, ``--section.key value`` overrides) and the model's ``config.json`` (from
+``model_dir``, or ``--model-config``), then prints ``emorl_pl.memory_plan.plan``: what each rank holds
+throughout, each stage of a step on top of it, the peak, whether it fits ``--gpu-memory`` GiB with a 15%
+margin and, when it does not, what to change with the new estimate. Plain YAML/JSON parsing: no torch,
+no Lightning, no model loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emorl_pl.memory_plan import (
+    LM_PROJECTIONS,
+    MARGIN,
+    ModelGeometry,
+    Plan,
+    PlanSettings,
+    audio_params,
+    audio_tokens,
+    lm_params,
+    plan,
+    suggestions,
+    text_tokens,
+    trainable_params,
+    verdict,
+)
+
+POLICY = ("model", "init_args", "policy", "init_args")
+# Defaults of the constructor arguments the plan reads, as in GRPOModule, AudioLMPolicy, LoraSettings and
+# ShardDataModule (tests/test_memory_plan.py checks them against the signatures).
+MODULE_DEFAULTS = {"group_size": 6, "max_new_tokens": 128, "beta": 0.04, "micro_batch_size": 8,
+                   "num_iterations": 1, "accumulate_grad_batches": 1, "mode": "esr", "labels": "iemocap4",
+                   "eval_max_new_tokens": None}
+POLICY_DEFAULTS = {"dtype": "float32", "gradient_checkpointing": False, "lora": None, "freeze_audio_tower": True,
+                   "fused_decode": "adapters"}
+LORA_DEFAULTS = {"r": 8, "dropout": 0.0, "target_modules": None}
+DATA_DEFAULTS = {"batch_size": 8, "eval_batch_size": None, "max_duration": 10.0, "label_set": "iemocap4"}
+# Number of labels of the named label sets (emorl_pl.emotions.LABEL_SETS), for the prompt's length.
+LABEL_SET_SIZES = {"iemocap4": 4, "meld7": 7, "ravdess8": 8, "cremad6": 6, "savee7": 7}
+# Qwen2Config / Qwen2AudioEncoderConfig defaults (transformers 5.17): the published Qwen2-Audio config.json
+# leaves the language model's geometry to them.
+QWEN2_TEXT_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+                       "num_hidden_layers": 32, "num_attention_heads": 32, "tie_word_embeddings": False}
+AUDIO_DEFAULTS = {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                  "num_mel_bins": 128, "max_source_positions": 1500}
+
+
+class PlanConfigError(ValueError):
+    """A config lacks something the plan needs, or has a value it cannot read (the message names it)."""
+
+
+# ------------------------------------------------------------------------------------------ config.json
+def geometry_from_config(path: str | Path) -> ModelGeometry:
+    """The shapes of a Qwen2-Audio (``qwen2_audio``) or Qwen2.5-Omni thinker config.json; keys the file
+    leaves out take transformers' defaults, as ``from_pretrained`` would."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanConfigError(f"{path}: no such file (pass --model-config PATH/config.json)") from None
+    except json.JSONDecodeError as err:
+        raise PlanConfigError(f"{path}: not valid JSON ({err})") from None
+    if "thinker_config" in config:  # Qwen2.5-Omni: the thinker is the audio-LM
+        config = config["thinker_config"]
+    model_type = config.get("model_type")
+    if model_type not in ("qwen2_audio", "qwen2_5_omni_thinker"):
+        raise PlanConfigError(f"{path}: model_type {model_type!r} is not qwen2_audio or qwen2_5_omni_thinker")
+    text = {**QWEN2_TEXT_DEFAULTS, **config.get("text_config", {})}
+    audio = {**AUDIO_DEFAULTS, **config.get("audio_config", {})}
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    hidden = int(text["hidden_size"])
+    return ModelGeometry(
+        vocab_size=int(text["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=int(text["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(text.get("head_dim") or hidden // heads),
+        intermediate_size=int(text["intermediate_size"]),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        audio_d_model=int(audio["d_model"]),
+        audio_layers=int(audio["encoder_layers"]),
+        audio_heads=int(audio["encoder_attention_heads"]),
+        audio_ffn=int(audio["encoder_ffn_dim"]),
+        num_mel_bins=int(audio["num_mel_bins"]),
+        max_source_positions=int(audio["max_source_positions"]),
+        projector=model_type == "qwen2_audio",
+        name=path.parent.name if path.name == "config.json" else path.stem,
+    )
+
+
+# ------------------------------------------------------------------------------------------ YAML files
+def deep_merge(base: dict, update: Mapping) -> dict:
+    """``update`` over ``base``, recursively for mappings (a later file wins key by key, as LightningCLI);
+    a new ``class_path`` replaces the block's ``init_args`` instead of merging into them."""
+    out = copy.deepcopy(base)
+    if "class_path" in update and update.get("class_path") != out.get("class_path"):
+        out.pop("init_args", None)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise PlanConfigError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PlanConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(config: dict, dotted: str, value: Any) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise PlanConfigError(f"--{dotted}: {key!r} is not a mapping in the merged config")
+    node[last] = value
+
+
+def merged_config(configs: Sequence[str], sections: Mapping[str, Sequence[str]] = (),
+                  overrides: Sequence[tuple[str, str]] = ()) -> tuple[dict, dict[str, str]]:
+    """The run's config as ``emorl fit`` would merge it: whole-config files in order, then section files
+    (``--model FILE``), then ``--a.b.c VALUE`` overrides (values parsed as YAML). Also returns, per
+    top-level section, the files that set it (for error messages)."""
+    config: dict = {}
+    origin: dict[str, list[str]] = {}
+    for path in configs:
+        data = _load_yaml(path)
+        config = deep_merge(config, data)
+        for key in data:
+            origin.setdefault(key, []).append(path)
+    for section, paths in dict(sections).items():
+        for path in paths:
+            config = deep_merge(config, {section: _load_yaml(path)})
+            origin.setdefault(section, []).append(path)
+    for dotted, raw in overrides:
+        _set_dotted(config, dotted, yaml.safe_load(raw))
+        origin.setdefault(dotted.split(".")[0], []).append(f"--{dotted}")
+    return config, {k: ", ".join(v) for k, v in origin.items()}
+
+
+def _get(config: dict, keys: Sequence[str], default: Any = None) -> Any:
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _init_args(config: dict, section: str) -> dict:
+    """A section's constructor arguments: ``init_args`` of a class_path block, or the mapping itself."""
+    block = config.get(section) or {}
+    if not isinstance(block, dict):
+        return {}
+    return block.get("init_args", {} if "class_path" in block else block) or {}
+
+
+def _strategy(trainer: dict) -> str:
+    strategy = trainer.get("strategy", "auto")
+    name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
+    lowered = name.lower()
+    if "fsdp" in lowered or "modelparallel" in lowered:
+        return "fsdp2"
+    if "ddp" in lowered:
+        return "ddp"
+    return "auto"
+
+
+def _devices(trainer: dict, where: str) -> int | None:
+    devices = trainer.get("devices", "auto")
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, int):
+        return devices * nodes
+    if isinstance(devices, list):
+        return len(devices) * nodes
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        count = int(devices)
+        return None if count < 0 else count * nodes
+    if devices in ("auto", None):
+        return None
+    raise PlanConfigError(f"trainer.devices {devices!r} in {where}: expected a number, a list or 'auto'")
+
+
+def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_seconds: float | None = None,
+                         gpus: int | None = None, device: str = "cuda", window_seconds: float = 30.0,
+                         reference_dtype: str | None = None) -> tuple[PlanSettings, dict]:
+    """``PlanSettings`` of one rank from a merged LightningCLI config; also returns what was assumed
+    (audio seconds and where they came from, text tokens, ...) for the printout.
+
+    Under FSDP2 the code shards the full-fine-tuning reference like the policy, in the compute dtype,
+    gathers every unit once for a (fused-decode) rollout, and reduces gradients once per optimizer step
+    unless the strategy says ``sync_gradients: per_backward``."""
+    module = {**MODULE_DEFAULTS, **_init_args(config, "model")}
+    policy = {**POLICY_DEFAULTS, **(_get(config, POLICY) or {})}
+    data = {**DATA_DEFAULTS, **_init_args(config, "data")}
+    trainer = config.get("trainer") or {}
+    where_model = origin.get("model", "the model config")
+    if not _get(config, ("model", "init_args", "policy")):
+        raise PlanConfigError(f"model.init_args.policy is not set (in {where_model}): pass the model section, "
+                              "e.g. --model configs/model/emorl_qwen2_audio_7b.yaml")
+
+    strategy = _strategy(trainer)
+    strategy_args = _get(trainer, ("strategy", "init_args")) or {}
+    n = gpus if gpus is not None else _devices(trainer, origin.get("trainer", "the trainer config"))
+    if n is None:
+        n = 1 if strategy == "auto" else None
+    if n is None:
+        raise PlanConfigError(f"trainer.devices is 'auto' (in {origin.get('trainer', 'the config')}): pass --gpus N")
+    if strategy == "auto":
+        strategy = "single" if n == 1 else "ddp"
+
+    lora = policy.get("lora")
+    lora_rank, lora_targets, lora_dropout = None, LM_PROJECTIONS, 0.0
+    if lora is not None:
+        lora = {**LORA_DEFAULTS, **lora}
+        lora_rank, lora_dropout = int(lora["r"]), float(lora["dropout"])
+        targets = lora["target_modules"]
+        if isinstance(targets, str):
+            raise PlanConfigError(f"model.init_args.policy.init_args.lora.target_modules is a regex (in {where_model}); "
+                                  "the plan needs a list of projection names")
+        lora_targets = tuple(targets or LM_PROJECTIONS)
+
+    labels = data.get("label_set") or module.get("labels")
+    num_labels = len(labels) if isinstance(labels, list) else LABEL_SET_SIZES.get(labels, 4)
+    max_duration = data.get("max_duration")
+    if audio_seconds is None:
+        audio_seconds = min(float(max_duration), window_seconds) if max_duration else window_seconds
+        source = ("data.init_args.max_duration (the longest utterance)" if max_duration
+                  else "the encoder window (no data.init_args.max_duration)")
+    else:
+        source = "--audio-seconds"
+    n_text = text_tokens(str(module["mode"]), num_labels)
+    n_audio = audio_tokens(audio_seconds, window_seconds)
+    precision = str(trainer.get("precision", "32-true"))
+    if precision in ("32", "64", "16", "bf16"):
+        precision = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}[precision]
+    settings = PlanSettings(
+        batch_size=int(data["batch_size"]),
+        group_size=int(module["group_size"]),
+        prompt_tokens=n_audio + n_text,
+        max_new_tokens=int(module["max_new_tokens"]),
+        micro_batch_size=int(module["micro_batch_size"]),
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        policy_dtype=str(policy["dtype"]),
+        precision=precision,
+        strategy=strategy,
+        num_gpus=int(n),
+        gradient_checkpointing=bool(policy["gradient_checkpointing"]),
+        beta=float(module["beta"]),
+        num_iterations=int(module["num_iterations"]),
+        accumulate_grad_batches=int(module["accumulate_grad_batches"]),
+        freeze_audio_tower=bool(policy["freeze_audio_tower"]),
+        fused_decode=str(policy["fused_decode"]),
+        eval_batch_size=int(data.get("eval_batch_size") or data["batch_size"]),
+        eval_max_new_tokens=module.get("eval_max_new_tokens"),
+        device=device,
+        fsdp_param_dtype=strategy_args.get("param_dtype"),
+        fsdp_sync=strategy_args.get("sync_gradients", "per_step"),
+        reference_sharded=strategy == "fsdp2",
+        reference_dtype=reference_dtype,
+        rollout_gathered=strategy == "fsdp2" and str(policy["fused_decode"]) != "off",
+    )
+    assumed = {"audio_seconds": audio_seconds, "audio_source": source, "audio_tokens": n_audio,
+               "text_tokens": n_text, "mode": module["mode"], "num_labels": num_labels}
+    return settings, assumed
+
+
+def model_config_path(config: dict, origin: Mapping[str, str], override: str | None) -> Path:
+    """``--model-config``, else ``<model_dir>/config.json``; a clear error naming the key when neither is there."""
+    if override:
+        return Path(override)
+    model_dir = _get(config, (*POLICY, "model_dir"))
+    where = origin.get("model", "the config")
+    if not model_dir:
+        raise PlanConfigError(f"model.init_args.policy.init_args.model_dir is not set (in {where}); "
+                              "pass --model-config PATH/config.json")
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise PlanConfigError(
+            f"{path} (model.init_args.policy.init_args.model_dir in {where}) does not exist: download the model "
+            "there, or pass --model-config PATH/config.json (e.g. configs/model/qwen2_audio_7b_config.json)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ printing
+def _gib(x: float) -> str:
+    return f"{x / 2**30:8.2f}"
+
+
+def format_plan(p: Plan, limit_gib: float, assumed: Mapping[str, Any], source: str) -> str:
+    g, s = p.geometry, p.settings
+    n_total, n_train = lm_params(g) + audio_params(g), trainable_params(g, s)
+    tuning = f"LoRA r={s.lora_rank} on {len(s.lora_targets)} LM projections" if s.lora else "full fine-tuning of the LM"
+    strategy = {"single": "one device", "ddp": f"DDP over {s.num_gpus} GPUs",
+                "fsdp2": f"FSDP2 over {s.num_gpus} GPUs"}[s.strategy]
+    lines = [
+        f"Memory plan per GPU ({source})",
+        f"  model: {n_total / 1e9:.2f} B parameters (language model {lm_params(g) / 1e9:.2f} B, audio encoder "
+        f"{audio_params(g) / 1e9:.2f} B); {tuning}: {n_train / 1e9:.3g} B trainable",
+        f"  run: {strategy}{f' (param_dtype {s.fsdp_param_dtype})' if s.strategy == 'fsdp2' and s.fsdp_param_dtype else ''};"
+        f" policy dtype {s.policy_dtype}; precision {s.precision}; gradient checkpointing "
+        f"{'on' if s.gradient_checkpointing else 'off'}; beta {s.beta:g}",
+        f"  per GPU: B = {s.batch_size} x G = {s.group_size} = {s.rows} rollouts; prompt {s.prompt_tokens} tokens "
+        f"({assumed['audio_seconds']:g} s of audio -> {assumed['audio_tokens']} audio tokens, from "
+        f"{assumed['audio_source']}; + {assumed['text_tokens']} text, mode {assumed['mode']}); "
+        f"max_new_tokens {s.max_new_tokens}; micro-batch {s.micro_rows} rows",
+        "",
+        f"  {'held throughout':<58}{'GiB':>8}",
+    ]
+    for piece in p.always:
+        lines.append(f"    {piece.name:<56}{_gib(piece.bytes)}   {piece.detail}")
+    lines.append(f"    {'total':<56}{_gib(p.always_bytes)}")
+    lines += ["", f"  {'each stage of a step, on top of that':<58}{'GiB':>8}  total GiB"]
+    peak = p.peak_stage
+    for stage in p.stages:
+        mark = "  <- peak" if stage is peak else ""
+        lines.append(f"    {stage.name:<56}{_gib(stage.bytes)}  {p.stage_total_gib(stage):8.2f}{mark}")
+        for piece in stage.pieces:
+            lines.append(f"      {piece.name:<54}{_gib(piece.bytes)}             {piece.detail}")
+    v = verdict(p.peak_gib, limit_gib)
+    headroom = 100 * (1 - p.peak_gib / limit_gib)
+    lines += ["", f"  peak per GPU: {p.peak_gib:.2f} GiB ({peak.name}) of {limit_gib:g} GiB: "
+              + {"fits": f"fits ({headroom:.0f}% headroom, >= {100 * MARGIN:.0f}% wanted)",
+                 "tight": f"fits, but only {headroom:.0f}% headroom (< {100 * MARGIN:.0f}% wanted)",
+                 "does not fit": f"DOES NOT FIT ({-headroom:.0f}% over)"}[v]]
+    for note in p.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def format_suggestions(items: Sequence, limit_gib: float) -> str:
+    if not items:
+        return ""
+    lines = ["", f"  to get {100 * MARGIN:.0f}% under {limit_gib:g} GiB, change{' one of' if len(items) > 1 else ''}:"]
+    for item in items:
+        if item.combined:
+            lines.append("    or all of these together (no single change is enough):")
+            lines += [f"      {change}" for change in item.change.split(" + ")[:-1]]
+            lines.append(f"      {item.change.split(' + ')[-1]:<94} {item.peak_gib:7.2f} GiB  {item.verdict}")
+        else:
+            lines.append(f"    {item.change:<96} {item.peak_gib:7.2f} GiB  {item.verdict}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="emorl-plan",
+        description="Will this recipe fit? Peak GPU memory per rank, piece by piece, from the run's YAML files and "
+                    "the model's config.json, before anything is loaded.",
+        epilog="Other --section.key VALUE options override the merged config, as with emorl fit.")
+    p.add_argument("-c", "--config", action="append", default=[], help="a whole LightningCLI config (repeatable)")
+    for section in ("model", "data", "trainer"):
+        p.add_argument(f"--{section}", action="append", default=[], metavar="FILE",
+                       help=f"a config file for the {section} section alone (repeatable)")
+    p.add_argument("--model-config", help="the model's config.json (default: <model_dir>/config.json)")
+    p.add_argument("--gpus", type=int, help="GPUs of the run (default: trainer.devices x trainer.num_nodes)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    p.add_argument("--audio-seconds", type=float, default=None,
+                   help="longest utterance in seconds (default: data max_duration, capped at the 30 s window)")
+    p.add_argument("--reference-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="what-if: the reference copy's dtype (default: the policy dtype; sharded: the compute dtype)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--") or "." not in item:
+            parser.error(f"unrecognized argument {item!r} (overrides look like --model.init_args.group_size 8)")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                parser.error(f"{item} needs a value")
+            value, i = rest[i + 1], i + 1
+        overrides.append((key, value))
+        i += 1
+    if not (args.config or args.model):
+        parser.error("pass the run's config: -c CONFIG.yaml (and --model/--data/--trainer section files)")
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        config, origin = merged_config(args.config, {"model": args.model, "data": args.data,
+                                                     "trainer": args.trainer}, overrides)
+        path = model_config_path(config, origin, args.model_config)
+        geometry = geometry_from_config(path)
+        settings, assumed = settings_from_config(
+            config, origin, audio_seconds=args.audio_seconds, gpus=args.gpus, device=args.device,
+            window_seconds=geometry.window_seconds, reference_dtype=args.reference_dtype)
+        result = plan(geometry, settings)
+    except (PlanConfigError, ValueError) as err:
+        print(f"emorl-plan: error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(result, args.gpu_memory, assumed, str(path)))
+    print(format_suggestions(suggestions(geometry, settings, args.gpu_memory), args.gpu_memory))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
