@@ -128,6 +128,8 @@ def test_synth_passes_options(tmp_path, monkeypatch, capsys):
     assert calls[1][1] == {"seed": 0, "overwrite": False, "labels": ["neutral", "sad"], "num_speakers": 3,
                            "utterances_per_speaker_per_label": 2}
     assert "train: 3" in capsys.readouterr().out
+    assert main(["synth", "--out", str(tmp_path), "--labels", "ravdess8", "--ambiguity", "0.6"]) == 0
+    assert calls[2][1] == {"seed": 0, "overwrite": False, "labels": "ravdess8", "ambiguity": 0.6}
 
 
 def test_help_exits_zero(capsys):

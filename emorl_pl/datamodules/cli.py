@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="label set name or comma-separated labels (default: iemocap4)")
     p.add_argument("--num-speakers", type=int, default=None, help="speakers (default: the generator's)")
     p.add_argument("--per-label", type=int, default=None, help="utterances per speaker and label (default: the generator's)")
+    p.add_argument("--ambiguity", type=float, default=None,
+                   help="0..1: a share ambiguity/2 of each label's utterances is spoken like a Plutchik neighbour "
+                        "(S > 0.7; needs a label set with such pairs, e.g. ravdess8)")
     return parser
 
 
@@ -158,6 +161,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         options["num_speakers"] = args.num_speakers
     if args.per_label is not None:
         options["utterances_per_speaker_per_label"] = args.per_label
+    if args.ambiguity is not None:
+        options["ambiguity"] = args.ambiguity
     result = write_synth_corpus(args.out, seed=args.seed, overwrite=args.overwrite, **options)
     print(f"synthetic corpus written to {args.out}")
     if isinstance(result, dict):

@@ -19,12 +19,30 @@ on the emotion offsets), and every utterance adds noise to each parameter, so cl
 Each sample's JSON holds ``prosody``: the realised values (f0_mean_hz, f0_range_semitones, contour,
 rate_syll_per_s, loudness_db, loudness_rel_db, jitter, shimmer, breathiness, tilt) and coarse words
 relative to the speaker's baseline (pitch/range/rate/loudness/voice/contour), for truthful reasoning text.
+
+Ambiguity (``ambiguity`` in [0, 1], default 0: the corpus is byte-identical to one made without it).
+Two labels of the label set are *neighbours* when their similarity exceeds ``gamma`` (``similarity`` and
+``gamma`` as ESWR's, default Plutchik's wheel and 0.7: exactly the pairs ESWR gives partial credit to).
+On RAVDESS-8 that is angry/disgust, fear/surprise, sad/disgust and sad/surprise (S = 0.854; every other
+pair has S <= 0.5): a chain angry - disgust - sad - surprise - fear. A share ``ambiguity / 2`` of the
+utterances of a label with neighbours is spoken with the profile of one of them (drawn uniformly) and
+keeps its label, as annotators of real corpora split between neighbouring emotions. So the same sound is
+labelled either way: at 0.6 an angry utterance sounds disgusted 30% of the time, a sad one like disgust
+or surprise 15% of the time each, and an isolated pair (two labels with one neighbour each) could not be
+told apart at all at 1. Each label's distribution of prosody moves toward its neighbours' (their mean
+profiles get closer), while the other labels' utterances are unchanged: neutral, calm and happy on
+RAVDESS-8 keep their audio exactly (the share's draws come from a random stream of their own), and no
+utterance is spoken halfway between two profiles, because that halfway point can be a third label's
+place (sad + surprise averaged sounds calm), which would blur pairs that must stay apart. A pair that
+shares a neighbour (angry and sad share disgust) overlaps only through utterances that sound like that
+neighbour, which a classifier labels as the neighbour.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +51,14 @@ import numpy as np
 
 from emorl_pl.datamodules.shards import INDEX_NAME, AudioSample, SplitWriter
 from emorl_pl.datamodules.webdataset import ShardDataModule
-from emorl_pl.emotions import get_label_set
+from emorl_pl.emotions import SimilarityMatrix, SimilaritySpec, get_label_set
 
 CORPUS = "synth"
 SPLITS = ("train", "valid", "test")
 REF_RMS = 0.05  # speaker baseline loudness, about -26 dBFS
+DURATION = (0.8, 1.8)  # default utterance length range, seconds
+OPTIONS_NAME = "synth_options.json"  # the generator's arguments, next to the splits
+AMBIGUITY_STREAM = 104729  # last entry of the ambiguity draws' seed: a stream apart from the audio's
 
 # Emotion offsets from the speaker baseline: pitch (semitones), f0 range (semitones), contour, rate factor,
 # loudness (dB), jitter, shimmer, breath noise level, spectral tilt (dB/octave, total).
@@ -251,6 +272,35 @@ def synthesize_utterance(speaker: Speaker, label: str, rng: np.random.Generator,
     return out.astype(np.float32), prosody
 
 
+def neighbour_pairs(labels: Sequence[str], similarity: SimilaritySpec = "plutchik",
+                    gamma: float = 0.7) -> list[tuple[str, str]]:
+    """Label pairs (in label-set order) whose similarity exceeds ``gamma`` either way round.
+
+    Strictly greater, as ESWR's partial credit; either way round because a user matrix may be asymmetric
+    while acoustic closeness is not.
+    """
+    sim = SimilarityMatrix.build(similarity, labels)
+    return [(a, b) for i, a in enumerate(sim.labels) for b in sim.labels[i + 1:]
+            if max(sim(a, b), sim(b, a)) > gamma]
+
+
+def neighbours_of(pairs: Sequence[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """label -> its neighbours, in the order the pairs list them."""
+    out: dict[str, tuple[str, ...]] = {}
+    for a, b in pairs:
+        out[a] = (*out.get(a, ()), b)
+        out[b] = (*out.get(b, ()), a)
+    return out
+
+
+def spoken_as(label: str, neighbours: Sequence[str], ambiguity: float, rng: np.random.Generator) -> str:
+    """The label whose profile an utterance of ``label`` is spoken with: with probability ``ambiguity / 2``
+    a neighbour drawn uniformly, else ``label`` itself (always, without neighbours or ambiguity)."""
+    if ambiguity <= 0 or not neighbours or rng.random() >= ambiguity / 2:
+        return label
+    return neighbours[int(rng.integers(len(neighbours)))]
+
+
 def split_speakers(num_speakers: int) -> dict[str, list[int]]:
     """Disjoint speaker indices: valid and test get round(num_speakers / 6) each (>= 1), train the rest."""
     if num_speakers < 3:
@@ -267,15 +317,21 @@ def write_synth_corpus(
     labels: str | Sequence[str] = "iemocap4",
     num_speakers: int = 24,
     utterances_per_speaker_per_label: int = 30,
-    duration: tuple[float, float] = (0.8, 1.8),
+    duration: tuple[float, float] = DURATION,
     sample_rate: int = 16000,
     seed: int = 0,
+    ambiguity: float = 0.0,
+    similarity: SimilaritySpec = "plutchik",
+    gamma: float = 0.7,
     overwrite: bool = False,
 ) -> dict[str, dict]:
     """Write ``out_dir/{train,valid,test}`` shards (speakers disjoint, label-balanced); returns the indexes.
 
     Utterance (speaker i, label l, n) is drawn from a generator seeded with (seed, i, l, n), so the corpus
-    is a pure function of the arguments.
+    is a pure function of the arguments. ``ambiguity`` > 0 speaks a share ``ambiguity / 2`` of each
+    label's utterances with a neighbour's profile (similarity > ``gamma``; see the module docstring),
+    drawn with the seed (seed, i, l, n, AMBIGUITY_STREAM). The arguments are saved in
+    ``out_dir/synth_options.json`` (next to the splits, whose shards the option leaves unchanged at 0).
     """
     label_set = get_label_set(labels)
     unknown = [lab for lab in label_set if lab not in PROFILES]
@@ -284,6 +340,7 @@ def write_synth_corpus(
     lo, hi = duration
     if not 0.3 <= lo <= hi:
         raise ValueError(f"duration must be (min, max) seconds with 0.3 <= min <= max, got {duration}")
+    neighbours = ambiguity_neighbours(label_set, ambiguity, similarity, gamma)
     speakers = make_speakers(num_speakers, seed)
     indexes = {}
     for split, members in split_speakers(num_speakers).items():
@@ -293,21 +350,58 @@ def write_synth_corpus(
                 for li, label in enumerate(label_set):
                     for n in range(utterances_per_speaker_per_label):
                         rng = np.random.default_rng([seed, si, li, n])
+                        voice = spoken_as(label, neighbours.get(label, ()), ambiguity,
+                                          np.random.default_rng([seed, si, li, n, AMBIGUITY_STREAM]))
                         audio, prosody = synthesize_utterance(
-                            spk, label, rng, duration=float(rng.uniform(lo, hi)), sample_rate=sample_rate)
+                            spk, voice, rng, duration=float(rng.uniform(lo, hi)), sample_rate=sample_rate)
                         meta = {"label": label, "corpus_label": label, "corpus": CORPUS, "speaker": spk.name,
                                 "sex": spk.sex, "text": None, "prosody": prosody}
+                        if voice != label:  # only in an ambiguous corpus: the default's JSON is unchanged
+                            meta["spoken_as"] = voice
                         writer.write(AudioSample(f"{spk.name}_{label}_{n:04d}", audio, sample_rate, meta))
         indexes[split] = writer.close()
         indexes[split].pop("skipped_files", None)
+    options = synth_options(label_set, num_speakers, utterances_per_speaker_per_label, duration, sample_rate,
+                            seed, ambiguity, similarity, gamma)
+    (Path(out_dir) / OPTIONS_NAME).write_text(json.dumps(options, indent=1) + "\n")
     return indexes
+
+
+def ambiguity_neighbours(labels: Sequence[str], ambiguity: float, similarity: SimilaritySpec,
+                         gamma: float) -> dict[str, tuple[str, ...]]:
+    """label -> the neighbours some of its utterances are spoken like ({} without ambiguity). An ambiguity
+    that would change nothing (no pair above gamma in this label set, e.g. IEMOCAP-4 on Plutchik's wheel)
+    is an error, not a silent no-op."""
+    if not 0.0 <= ambiguity <= 1.0:
+        raise ValueError(f"ambiguity must be in [0, 1], got {ambiguity}")
+    if ambiguity == 0:
+        return {}
+    pairs = neighbour_pairs(labels, similarity, gamma)
+    if not pairs:
+        raise ValueError(f"ambiguity {ambiguity} has no effect: no two labels of {list(labels)} have "
+                         f"{similarity if isinstance(similarity, str) else 'the given'} similarity > gamma {gamma}")
+    return neighbours_of(pairs)
+
+
+def synth_options(labels: Sequence[str], num_speakers: int, per_label: int, duration: Sequence[float],
+                  sample_rate: int, seed: int, ambiguity: float, similarity: SimilaritySpec,
+                  gamma: float) -> dict[str, Any]:
+    """The arguments that determine a corpus, as JSON values (what ``synth_options.json`` holds)."""
+    return {"labels": list(labels), "num_speakers": num_speakers, "utterances_per_speaker_per_label": per_label,
+            "duration": [float(d) for d in duration], "sample_rate": sample_rate, "seed": seed,
+            "ambiguity": float(ambiguity), "similarity": similarity if isinstance(similarity, str) else "custom",
+            "gamma": float(gamma)}
 
 
 class SynthDataModule(ShardDataModule):
     """ShardDataModule over the generated corpus in ``root`` (generated by ``prepare_data`` when absent).
 
     ``train/valid/test`` default to ``root/train``, ``root/valid``, ``root/test``; the corpus is made with
-    ``label_set`` as its labels, ``num_speakers``, ``utterances_per_speaker_per_label`` and ``synth_seed``.
+    ``label_set`` as its labels, ``num_speakers``, ``utterances_per_speaker_per_label``, ``synth_seed`` and
+    ``ambiguity`` (with ``similarity`` and ``gamma`` choosing the neighbour pairs it pulls together; see
+    the module docstring). A corpus already in ``root`` is used as it is when its saved options match
+    these, and refused (ValueError naming the differences) when they do not; one saved before the options
+    were (no ``synth_options.json``) is used as it is.
     """
 
     def __init__(
@@ -317,6 +411,9 @@ class SynthDataModule(ShardDataModule):
         num_speakers: int = 24,
         utterances_per_speaker_per_label: int = 30,
         synth_seed: int = 0,
+        ambiguity: float = 0.0,
+        similarity: str = "plutchik",
+        gamma: float = 0.7,
         sample_rate: int = 16000,
         max_duration: float | None = 10.0,
         batch_size: int = 8,
@@ -337,10 +434,38 @@ class SynthDataModule(ShardDataModule):
         self.synth_labels = label_set
         self.num_speakers, self.utterances_per_speaker_per_label = num_speakers, utterances_per_speaker_per_label
         self.synth_seed = synth_seed
+        self.ambiguity, self.similarity, self.gamma = ambiguity, similarity, gamma
+        # Fail at construction, not after the model has loaded, on an ambiguity that cannot apply.
+        ambiguity_neighbours(get_label_set(label_set), ambiguity, similarity, gamma)
+
+    def _options(self) -> dict[str, Any]:
+        """The saved options this module must match: all but ``duration``, which it does not set (a corpus
+        of short utterances written by ``write_synth_corpus`` is a valid corpus for it)."""
+        options = synth_options(get_label_set(self.synth_labels), self.num_speakers,
+                                self.utterances_per_speaker_per_label, DURATION, self.sample_rate,
+                                self.synth_seed, self.ambiguity, self.similarity, self.gamma)
+        options.pop("duration")
+        return options
 
     def prepare_data(self) -> None:
         if all((self.root / s / INDEX_NAME).is_file() for s in SPLITS):
+            check_corpus_options(self.root, self._options())
             return
         write_synth_corpus(self.root, labels=self.synth_labels, num_speakers=self.num_speakers,
                            utterances_per_speaker_per_label=self.utterances_per_speaker_per_label,
-                           sample_rate=self.sample_rate, seed=self.synth_seed, overwrite=True)
+                           sample_rate=self.sample_rate, seed=self.synth_seed, ambiguity=self.ambiguity,
+                           similarity=self.similarity, gamma=self.gamma, overwrite=True)
+
+
+def check_corpus_options(root: Path, expected: Mapping[str, Any]) -> None:
+    """Refuse a corpus in ``root`` made with other options than ``expected`` (silently training on the
+    wrong corpus, e.g. an unambiguous one under an ambiguous config, is the failure this prevents)."""
+    path = root / OPTIONS_NAME
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: corpus {a!r}, config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the synthetic corpus in {root} was made with other options ({details}); "
+                         f"give another root or delete {root} to regenerate it")
