@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pe = policy.encode_prompts(prompts)
         for rep in range(args.reps + 1):  # the first round warms up
             for path in PATHS:
-                policy._lean_decode = path != "generate"
+                policy.decoding = "generate" if path == "generate" else "loop"
                 policy.fused_decode = path if path in ("adapters", "merged") else "off"
                 sync()
                 start = time.perf_counter()

@@ -11,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from emorl_pl.modules.fused_decode import FusedDecodeStep, effective_linear, unsupported
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+from emorl_pl.modules.sampling import shared_prefill
 
 SR = 16000
 INSTRUCTION = "What is the emotion of the speaker?"
@@ -39,7 +40,7 @@ def _prompt_embeds(policy):
 def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
     """Feed the same random tokens through the module forward and FusedDecodeStep; per-step logits of each."""
     hf = policy.hf_model
-    decoder, embed = policy._decoder(hf), policy._embed(hf)
+    decoder, embed = hf.get_decoder(), hf.get_input_embeddings()
     pe = pe if pe is not None else _prompt_embeds(policy)
     mask = pe.attention_mask.repeat_interleave(group_size, 0)
     n, p = mask.shape
@@ -47,10 +48,10 @@ def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
     position = mask.long().sum(-1, keepdim=True) - 1
     tokens = torch.randint(0, 151643, (n, steps), generator=torch.Generator().manual_seed(seed))  # text ids
     with torch.no_grad():
-        shared = policy._shared_prefill(pe, 1)  # B rows: the fused step repeats each G times itself
+        shared = shared_prefill(hf, policy.family, pe, 1)  # B rows: the fused step repeats each G times itself
         fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,
                                 merge=merge, repeat=group_size)
-        cache = policy._shared_prefill(pe, group_size)  # B*G rows, for the module forward
+        cache = shared_prefill(hf, policy.family, pe, group_size)  # B*G rows, for the module forward
         x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
         expected, got = [], []
         for t in range(steps):
@@ -97,7 +98,7 @@ def test_fused_step_in_bf16_and_under_autocast(policy, tmp_path):
 
 def test_adapter_mode_copies_no_weight_and_merged_mode_does(policy):
     hf = policy.hf_model
-    decoder = policy._decoder(hf)
+    decoder = hf.get_decoder()
     kv, d = decoder.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim
     past = [(torch.zeros(1, kv, 1, d),) * 2 for _ in decoder.layers]
     own = {p.data_ptr() for p in decoder.parameters()} | {hf.lm_head.weight.data_ptr()}
@@ -115,7 +116,7 @@ def test_adapter_mode_copies_no_weight_and_merged_mode_does(policy):
 
 
 def test_effective_linear_is_what_the_module_applies(policy):
-    q = policy._decoder(policy.hf_model).layers[1].self_attn.q_proj
+    q = policy.hf_model.get_decoder().layers[1].self_attn.q_proj
     x = torch.randn(5, q.in_features)
     weight, bias = effective_linear(q)
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_effective_linear_is_what_the_module_applies(policy):
 
 def test_fused_step_refuses_past_its_cache(policy):
     hf = policy.hf_model
-    decoder = policy._decoder(hf)
+    decoder = hf.get_decoder()
     kv = decoder.config.num_key_value_heads
     past = [(torch.zeros(1, kv, 2, decoder.layers[0].self_attn.head_dim),) * 2 for _ in decoder.layers]
     step = FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 3))

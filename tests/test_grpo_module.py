@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from encoder_calls import count_encoder_calls
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from torch.utils.data import DataLoader
 
@@ -148,9 +149,10 @@ def test_audio_encoded_once_per_utterance_per_step(real_model_dir):
     module = make_module(real_model_dir, num_iterations=2, beta=0.04, micro_batch_size=3)
     module.policy.load()
     B, steps = 3, 2
-    fit(module, batches(steps, B=B), steps=2 * steps)  # mu = 2 optimizer steps per batch
-    assert module.policy.audio_utterances_encoded == B * steps
-    assert module.policy.audio_encoder_calls == steps
+    with count_encoder_calls(module.policy) as encoder:
+        fit(module, batches(steps, B=B), steps=2 * steps)  # mu = 2 optimizer steps per batch
+    assert encoder.utterances == B * steps
+    assert encoder.calls == steps
 
 
 def test_dynamic_sampling_drops_groups_with_equal_rewards(real_model_dir):

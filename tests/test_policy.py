@@ -4,10 +4,11 @@ full fine-tuning, gradient checkpointing."""
 
 import pytest
 import torch
+from encoder_calls import count_encoder_calls, encoder_calls_of_a_step
 from peft.tuners.lora import LoraLayer
 from transformers import Qwen2AudioForConditionalGeneration
 
-import emorl_pl.modules.policy as policy_module
+import emorl_pl.modules.sampling as sampling_module
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings, sample_categorical
 
 SR = 16000
@@ -100,7 +101,7 @@ def test_build_prompts_holds_one_audio_token_per_encoder_output(lora_policy):
 
 def test_long_audio_is_counted_and_warned_once(real_model_dir, caplog):
     policy = AudioLMPolicy(real_model_dir).load()
-    with caplog.at_level("WARNING", logger="emorl_pl.modules.policy"):
+    with caplog.at_level("WARNING", logger="emorl_pl.modules.prompting"):
         prompts = policy.build_prompts(_waves((32 * SR, SR)), SR, INSTRUCTION)
         resampled = policy.build_prompts(_waves((33 * 8000,)), 8000, INSTRUCTION)  # 33 s at 8 kHz
     assert prompts.seconds_ignored[0] == pytest.approx(2.0, abs=0.01) and prompts.seconds_ignored[1] == 0.0
@@ -174,16 +175,10 @@ def test_completion_logps_single_prompt_default_positions(lora_policy):
 
 
 def test_audio_encoded_once_per_utterance(lora_policy):
-    lora_policy.audio_encoder_calls = lora_policy.audio_utterances_encoded = 0
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
-    rollout = lora_policy.rollout(prompts, G, max_new_tokens=8)
-    with torch.no_grad():
-        lora_policy.completion_logps(rollout)
-        lora_policy.completion_logps(rollout, reference=True)
-    for rows in (slice(0, 4), slice(4, 9)):
-        lora_policy.completion_logps(rollout, rows).sum().backward()
-    assert lora_policy.audio_encoder_calls == 1
-    assert lora_policy.audio_utterances_encoded == 3
+    encoder = encoder_calls_of_a_step(lora_policy, prompts, G, (slice(0, 4), slice(4, 9)), max_new_tokens=8)
+    assert encoder.calls == 1
+    assert encoder.utterances == 3
 
 
 def test_lora_scoped_to_language_model(lora_policy):
@@ -217,7 +212,8 @@ def test_full_finetune_reference_is_a_hidden_frozen_copy(real_model_dir):
     trainable = {id(p) for p in policy.trainable_parameters()}
     tower = {id(p) for p in model.model.audio_tower.parameters()}
     assert trainable == {id(p) for p in model.parameters()} - tower
-    ref_params = list(policy._reference_model.parameters())
+    with policy.reference() as reference:
+        ref_params = list(reference.parameters())
     assert not any(id(p) in trainable or p.requires_grad for p in ref_params)
     assert sum(1 for _ in policy.parameters()) == sum(1 for _ in model.parameters())
 
@@ -241,10 +237,11 @@ def test_full_finetune_reference_is_a_hidden_frozen_copy(real_model_dir):
 def test_trainable_audio_tower_gets_gradients(real_model_dir):
     policy = AudioLMPolicy(real_model_dir, lora=None, freeze_audio_tower=False).load()
     prompts = policy.build_prompts(_waves((8000, 16000)), SR, INSTRUCTION)
-    rollout = policy.rollout(prompts, 2, max_new_tokens=6)
-    assert policy.audio_encoder_calls == 1
-    logps = policy.completion_logps(rollout, slice(0, 2))  # rows of utterance 0 only
-    assert policy.audio_encoder_calls == 2 and policy.audio_utterances_encoded == 3
+    with count_encoder_calls(policy) as encoder:
+        rollout = policy.rollout(prompts, 2, max_new_tokens=6)
+        assert encoder.calls == 1
+        logps = policy.completion_logps(rollout, slice(0, 2))  # rows of utterance 0 only
+    assert encoder.calls == 2 and encoder.utterances == 3
     logps.sum().backward()
     assert policy.hf_model.model.audio_tower.conv1.weight.grad is not None
     torch.testing.assert_close(
@@ -285,6 +282,15 @@ def test_missing_model_dir_is_named(tmp_path):
         AudioLMPolicy(str(tmp_path)).load()
 
 
+def test_unknown_model_type_is_an_error_even_with_a_model_class(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    # the family (where the audio tower sits) comes from model_type; model_class cannot stand in for it
+    with pytest.raises(ValueError, match="model_type 'llama' is not one of .*qwen2_audio.*AudioLMFamily"):
+        AudioLMPolicy(str(tmp_path), model_class="transformers.LlamaForCausalLM").load()
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        AudioLMPolicy(str(tmp_path), decoding="hf")
+
+
 def test_build_tiny_if_missing(tmp_path):
     target = tmp_path / "tiny"
     policy = AudioLMPolicy(str(target), build_tiny_if_missing=True).load()
@@ -309,7 +315,7 @@ def test_shared_prompt_path_equals_full_sequence_path(real_model_dir):
     results = {}
     try:
         for share in (True, False):
-            policy._share_prompt = share
+            policy.share_prompt_kv = share
             seen.clear()
             policy.zero_grad()
             logps = policy.completion_logps(rollout, rows, temperature=0.8)
@@ -318,7 +324,7 @@ def test_shared_prompt_path_equals_full_sequence_path(real_model_dir):
             results[share] = (logps.detach(), grads, sum(b * s for b, s in seen))
     finally:
         hook.remove()
-        del policy._share_prompt
+        policy.share_prompt_kv = True
     (shared, shared_grads, shared_tokens), (full, full_grads, full_tokens) = results[True], results[False]
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
     assert shared_grads.keys() == full_grads.keys() and len(shared_grads) == 2 * 7 * 2  # lora_A/B x 7 x 2 layers
@@ -330,7 +336,7 @@ def test_shared_prompt_path_equals_full_sequence_path(real_model_dir):
     assert shared_tokens == 3 * (p - 1) + n * t  # each prompt once, then only the completion per row
 
 
-# ---------------------------------------------------------------------------- lean decode loop vs generate
+# ---------------------------------------------------------------------------- decode loop vs generate
 def _decoder_calls(policy):
     """Decoder passes, counted at the final norm: both the decoder's forward and the fused step run it."""
     calls = []
@@ -340,27 +346,27 @@ def _decoder_calls(policy):
 
 @pytest.mark.parametrize("fused", ["adapters", "merged", "off"])
 @pytest.mark.parametrize("group_size", [1, G])
-def test_lean_decode_greedy_equals_generate(lora_policy, group_size, fused):
+def test_decode_loop_greedy_equals_generate(lora_policy, group_size, fused):
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
     assert len(set((prompts.attention_mask == 0).sum(-1).tolist())) > 1  # uneven left padding
     pe = lora_policy.encode_prompts(prompts)
     out = {}
     lora_policy.fused_decode = fused
     try:
-        for lean in (True, False):
-            lora_policy._lean_decode = lean
-            out[lean] = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
+        for decoding in ("loop", "generate"):
+            lora_policy.decoding = decoding
+            out[decoding] = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
     finally:
-        del lora_policy._lean_decode
+        lora_policy.decoding = "loop"
         lora_policy.fused_decode = "adapters"
-    assert torch.equal(out[True].completion_ids, out[False].completion_ids)
-    assert torch.equal(out[True].completion_mask, out[False].completion_mask)
-    assert out[True].texts == out[False].texts
+    assert torch.equal(out["loop"].completion_ids, out["generate"].completion_ids)
+    assert torch.equal(out["loop"].completion_mask, out["generate"].completion_mask)
+    assert out["loop"].texts == out["generate"].texts
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p", "fused"), [(1.0, 0, 1.0, "adapters"), (0.7, 5, 1.0, "merged"),
                                                                        (1.3, 0, 0.3, "off"), (0.8, 40, 0.5, "adapters")])
-def test_lean_decode_samples_from_hf_warped_distribution(real_model_dir, monkeypatch, temperature, top_k, top_p, fused):
+def test_decode_loop_samples_from_hf_warped_distribution(real_model_dir, monkeypatch, temperature, top_k, top_p, fused):
     from transformers.generation.logits_process import (
         SuppressTokensLogitsProcessor,
         TemperatureLogitsWarper,
@@ -387,7 +393,7 @@ def test_lean_decode_samples_from_hf_warped_distribution(real_model_dir, monkeyp
         seen.append(probs.clone())
         return probs.argmax(-1)
 
-    monkeypatch.setattr(policy_module, "sample_categorical", recording_sampler)
+    monkeypatch.setattr(sampling_module, "sample_categorical", recording_sampler)
     policy.rollout(pe, 2, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=1e-5)
@@ -423,7 +429,7 @@ def test_sample_categorical_draws_each_index_at_its_probability():
 
 
 @pytest.mark.parametrize("fused", ["adapters", "off"])
-def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(real_model_dir, fused):
+def test_decode_loop_stops_rows_at_eos_and_early_unless_synced(real_model_dir, fused):
     policy = AudioLMPolicy(real_model_dir, fused_decode=fused).load()
     eos, pad = policy.eos_token_ids, policy.pad_token_id
     lm_head = policy.hf_model.lm_head.weight
@@ -435,8 +441,7 @@ def test_lean_decode_stops_rows_at_eos_and_early_unless_synced(real_model_dir, f
         direction /= direction.norm()
         lm_head[eos[0]] += 3 * direction  # EOS likely but not certain among 156k tokens: rows end at different steps
     torch.manual_seed(0)
-    ids = policy._decode(pe, 8, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                         synced_gpus=False)
+    ids = policy.rollout(pe, 8, max_new_tokens=16, synced_gpus=False).completion_ids
     hit = torch.isin(ids, torch.tensor(eos))
     ends = [int(h.nonzero()[0]) if h.any() else None for h in hit]
     assert len({e for e in ends if e is not None}) > 1 and None in ends  # mixed: some ended, some truncated

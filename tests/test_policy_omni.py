@@ -12,6 +12,7 @@ either from the feature extractor).
 
 import pytest
 import torch
+from encoder_calls import encoder_calls_of_a_step
 from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoProcessor,
@@ -190,16 +191,10 @@ def test_greedy_rollout_follows_thinker_argmax(lora_policy):
 
 
 def test_audio_encoded_once_per_utterance(lora_policy):
-    lora_policy.audio_encoder_calls = lora_policy.audio_utterances_encoded = 0
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
-    rollout = _rollout(lora_policy, prompts, G, max_new_tokens=5)
-    with torch.no_grad():
-        lora_policy.completion_logps(rollout)
-        lora_policy.completion_logps(rollout, reference=True)
-    for rows in (slice(0, 1), slice(1, 4)):
-        lora_policy.completion_logps(rollout, rows).sum().backward()
-    assert lora_policy.audio_encoder_calls == 1
-    assert lora_policy.audio_utterances_encoded == 2
+    encoder = encoder_calls_of_a_step(lora_policy, prompts, G, (slice(0, 1), slice(1, 4)), max_new_tokens=5)
+    assert encoder.calls == 1
+    assert encoder.utterances == 2
 
 
 def test_lora_scoped_to_language_model(lora_policy):

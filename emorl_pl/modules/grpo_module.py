@@ -43,6 +43,7 @@ from emorl_pl.metrics import SERMetrics
 from emorl_pl.modules.policy import AudioLMPolicy, Rollout
 from emorl_pl.reasoning import check_mode, instruction, parse_response
 from emorl_pl.rewards import RewardOutput, RewardSet
+from emorl_pl.sampled_eval import majority_vote, pass_at_k
 from emorl_pl.schedules import lr_lambda, rl_progress, total_optimizer_steps
 from emorl_pl.strategies import FSDP2Strategy
 
@@ -78,6 +79,9 @@ class GRPOModule(L.LightningModule):
         accumulate_grad_batches: batches per window (TRL's generation batch = k x per-device batch):
             the loss is normalised over the window as TRL does (``emorl_pl.grpo.loss_normalizer``).
         sft_steps: supervised cold-start steps before GRPO (0 = none); ``sft_lr`` their LR.
+        eval_samples: k > 0 adds sampled evaluation: k answers per utterance at ``eval_temperature``,
+            reported as maj@k and pass@k (``emorl_pl.sampled_eval``), each with WA / UA / F1, next to
+            greedy decoding's metrics.
         sampling_seed: sampling and dropout are seeded from (sampling_seed, step, accumulation index,
             rank), so a resumed run samples exactly what an uninterrupted one would.
     """
@@ -112,6 +116,8 @@ class GRPOModule(L.LightningModule):
         sft_steps: int = 0,
         sft_lr: float | None = None,
         eval_max_new_tokens: int | None = None,
+        eval_samples: int = 0,
+        eval_temperature: float = 1.0,
         sampling_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -124,6 +130,8 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
         if beta < 0 or num_iterations < 1 or micro_batch_size < 1 or accumulate_grad_batches < 1:
             raise ValueError("beta >= 0, num_iterations >= 1, micro_batch_size >= 1, accumulate_grad_batches >= 1")
+        if eval_samples < 0 or (eval_samples and not eval_temperature > 0):
+            raise ValueError(f"eval_samples must be >= 0 and eval_temperature > 0, got {eval_samples}, {eval_temperature}")
         if loss_type not in grpo.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {list(grpo.LOSS_TYPES)}, got {loss_type!r}")
         if importance_sampling_level not in grpo.IMPORTANCE_SAMPLING_LEVELS:
@@ -158,8 +166,14 @@ class GRPOModule(L.LightningModule):
             names["validate"] = list(dm.val_set_names)
         self._eval_names = names
         keys = [f"{prefix}__{name}" for prefix, key in (("val", "validate"), ("test", "test")) for name in names[key]]
-        self.eval_metrics = torch.nn.ModuleDict({k: SERMetrics(self.labels) for k in keys})
+        sampled = [f"{k}__{kind}" for k in keys for kind in self._sampled_kinds()]
+        self.eval_metrics = torch.nn.ModuleDict({k: SERMetrics(self.labels) for k in keys + sampled})
         self.eval_format = torch.nn.ModuleDict({k: MeanMetric() for k in keys})
+        self.eval_reward = torch.nn.ModuleDict({k: MeanMetric() for k in keys})
+
+    def _sampled_kinds(self) -> tuple[str, ...]:
+        k = self.hparams.eval_samples
+        return (f"maj@{k}", f"pass@{k}") if k else ()
 
     def configure_optimizers(self):
         params = list(self.policy.trainable_parameters())
@@ -447,39 +461,69 @@ class GRPOModule(L.LightningModule):
         self.log("r", log["reward"].to(self.device), prog_bar=True, batch_size=B, logger=False)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, prefix: str, batch: Mapping[str, Any], dataloader_idx: int) -> list[dict[str, Any]]:
+    def _eval_step(self, prefix: str, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int) -> None:
+        """Greedy answers -> SER metrics, format rate and mean reward; with ``eval_samples`` k > 0 also k
+        sampled answers per utterance -> maj@k and pass@k metrics. Padding and placeholder rows (added so
+        that every rank runs the same steps) are decoded but never counted."""
+        hp = self.hparams
         names = self._eval_names["validate" if prefix == "val" else "test"]
-        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
+        key = f"{prefix}__{names[dataloader_idx] if dataloader_idx < len(names) else dataloader_idx}"
         prompts = self._prompts(batch)
+        max_new = hp.eval_max_new_tokens or hp.max_new_tokens
         with torch.no_grad():
-            texts = self.policy.greedy(
-                prompts, self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens, synced_gpus=self._synced_gpus()
-            )
+            embeds = self.policy.encode_prompts(prompts)
+            texts = self.policy.greedy(embeds, max_new, synced_gpus=self._synced_gpus())
+        golds = list(batch["labels"])
         parsed = [parse_response(t, self.mode, self.labels) for t in texts]
-        # Padding rows (added so that every rank runs the same number of steps) are never counted.
         real = [i for i, pad in enumerate(batch.get("is_pad") or [False] * len(parsed)) if not pad]
+        scored = self.reward_set(texts, golds, **reward_columns(batch, 1), progress=self._eval_progress())
+        self._update_eval(key, [parsed[i].label for i in real], [golds[i] for i in real])
         if real:
-            self.eval_metrics[f"{prefix}__{name}"].update([parsed[i].label for i in real], [batch["labels"][i] for i in real])
-            self.eval_format[f"{prefix}__{name}"].update(
-                torch.tensor([float(parsed[i].format_ok) for i in real], device=self.device)
-            )
-        return [{"text": t, "parsed": p} for t, p in zip(texts, parsed)]
+            self.eval_format[key].update(torch.tensor([float(parsed[i].format_ok) for i in real], device=self.device))
+            rewards = torch.tensor([scored.total[i] for i in real], dtype=torch.float32, device=self.device)
+            self.eval_reward[key].update(rewards[~torch.isnan(rewards)])
+        k = hp.eval_samples
+        if not k:
+            return
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed((hp.sampling_seed * 7_919 + batch_idx * 131 + dataloader_idx * 17 + self.global_rank) % 2**62)
+            samples = self.policy.rollout(embeds, k, temperature=hp.eval_temperature, top_p=hp.top_p, top_k=hp.top_k,
+                                          max_new_tokens=max_new, synced_gpus=self._synced_gpus()).texts
+        answers = [[parse_response(t, self.mode, self.labels).label for t in samples[b * k : (b + 1) * k]] for b in real]
+        gold_real = [golds[i] for i in real]
+        maj, passed = self._sampled_kinds()
+        self._update_eval(f"{key}__{maj}", [majority_vote(a) for a in answers], gold_real)
+        self._update_eval(f"{key}__{passed}", [pass_at_k(a, g) for a, g in zip(answers, gold_real)], gold_real)
+
+    def _update_eval(self, key: str, preds: list[str | None], golds: list[str]) -> None:
+        if preds:
+            self.eval_metrics[key].update(preds, golds)
+
+    def _eval_progress(self) -> float:
+        """RL progress for rewards scored in evaluation: as training's when fitting, else 0 (alpha's start)."""
+        total = getattr(self, "_total_steps", None)
+        return rl_progress(self.global_step, total, self.hparams.sft_steps)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
+        self._eval_step("val", batch, batch_idx, dataloader_idx)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
+        self._eval_step("test", batch, batch_idx, dataloader_idx)
 
     def _eval_epoch_end(self, prefix: str) -> None:
         key = "validate" if prefix == "val" else "test"
         results = {}
         for name in self._eval_names[key]:
-            metric = self.eval_metrics[f"{prefix}__{name}"]
-            values = metric.compute()
-            values["format_rate"] = self.eval_format[f"{prefix}__{name}"].compute()
-            metric.reset()
-            self.eval_format[f"{prefix}__{name}"].reset()
+            base = f"{prefix}__{name}"
+            values = self.eval_metrics[base].compute()
+            values["format_rate"] = self.eval_format[base].compute()
+            values["reward"] = self.eval_reward[base].compute()
+            for kind in self._sampled_kinds():  # maj@k/ua, pass@k/wa, ...
+                values.update({f"{kind}/{m}": v for m, v in self.eval_metrics[f"{base}__{kind}"].compute().items()})
+            for metric in (self.eval_metrics[base], self.eval_format[base], self.eval_reward[base],
+                           *(self.eval_metrics[f"{base}__{kind}"] for kind in self._sampled_kinds())):
+                metric.reset()
             results[name] = values
             # A single set keeps the short name (val/ua, test/ua); several are logged as test/<name>/ua.
             tag = prefix if len(self._eval_names[key]) == 1 and name in ("val", "test") else f"{prefix}/{name}"

@@ -1,0 +1,137 @@
+"""Prompts for an audio-LM: one chat turn per utterance (audio, optional transcript, instruction) through the
+model's chat template and processor, with audio longer than the encoder's window cropped and counted."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompts:
+    """Processor outputs for B utterances; text left-padded for generation."""
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P)
+    input_features: Tensor  # (B, n_mels, frames)
+    feature_attention_mask: Tensor  # (B, frames)
+    # Per utterance: seconds of audio past the encoder window, cropped before the model saw it (0.0 if none).
+    seconds_ignored: tuple[float, ...] = ()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> Prompts:
+        return Prompts(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.input_features,
+                                                  self.feature_attention_mask)), seconds_ignored=self.seconds_ignored)
+
+
+@dataclass
+class PromptEmbeds:
+    """Prompt embeddings with the audio merged, plus the cached audio-tower output to re-merge later.
+
+    ``audio_hidden[b]``: audio tower output of utterance b, (n_audio_tokens_b, D_audio), detached.
+    ``ref_audio_hidden``: the same from the reference copy (full fine-tuning with a trainable tower only).
+    """
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P)
+    inputs_embeds: Tensor  # (B, P, D)
+    audio_hidden: list[Tensor]
+    prompts: Prompts
+    ref_audio_hidden: list[Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class CroppedAudio:
+    """Running totals of audio cropped to the encoder window; warns the first time any is cropped."""
+
+    utterances: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds_ignored: Sequence[float], window_seconds: float) -> None:
+        cropped = [s for s in seconds_ignored if s > 0]
+        if not cropped:
+            return
+        if not self.utterances:
+            log.warning(
+                "%d of %d waveforms are longer than the encoder's %g s window: %.2f s of audio ignored (cropped). "
+                "Warned once; the policy counts them in cropped_utterances / cropped_seconds, and predictions "
+                "record seconds_ignored per file.", len(cropped), len(seconds_ignored), window_seconds, sum(cropped),
+            )
+        self.utterances += len(cropped)
+        self.seconds += sum(cropped)
+
+
+def conversation(instruction: str, transcript: str | None = None, system_prompt: str | None = None) -> list[dict]:
+    """One user turn: the audio, then the (transcript and) instruction; the system prompt if set.
+
+    The audio part carries an ``audio`` key because Qwen2-Audio's published chat template recognises
+    audio by that key only ({"type": "audio"} alone renders no ``<|AUDIO|>``); the waveform itself goes
+    to the processor separately. Qwen2.5-Omni's template accepts the same part.
+    """
+    text = f'Transcript: "{transcript}"\n{instruction}' if transcript else instruction
+    turns = [{"role": "user", "content": [{"type": "audio", "audio": "<waveform>"}, {"type": "text", "text": text}]}]
+    if system_prompt is not None:
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    return turns
+
+
+def build_prompts(
+    processor,
+    waveforms: Sequence[Tensor],
+    sample_rate: int,
+    instruction: str,
+    texts: Sequence[str | None] | None = None,
+    *,
+    system_prompt: str | None = None,
+    cropped: CroppedAudio | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Prompts:
+    """Chat-template prompts with one audio each, through the processor (left-padded text).
+
+    Each 1-D waveform is resampled to the feature extractor's rate when ``sample_rate`` differs, and
+    cropped to the feature extractor's ``chunk_length`` seconds (the encoder takes a fixed-length
+    window: 30 s for Qwen2-Audio). What is cropped is counted per utterance in ``Prompts.seconds_ignored``
+    and added to ``cropped``. A transcript in ``texts[i]`` goes before the instruction. The features come
+    in ``dtype`` and everything on ``device``.
+    """
+    fe = processor.feature_extractor
+    if texts is not None and len(texts) != len(waveforms):
+        raise ValueError(f"texts has {len(texts)} entries but there are {len(waveforms)} waveforms")
+    audio, ignored = [], []
+    for i, wave in enumerate(waveforms):
+        wave = torch.as_tensor(wave, dtype=torch.float32)
+        if wave.dim() != 1 or wave.numel() == 0:
+            raise ValueError(f"waveforms[{i}] must be a non-empty 1-D tensor, got shape {tuple(wave.shape)}")
+        if sample_rate != fe.sampling_rate:
+            import torchaudio.functional as AF
+
+            wave = AF.resample(wave, sample_rate, fe.sampling_rate)
+        audio.append(wave[: fe.n_samples].cpu().numpy())
+        ignored.append(max(wave.numel() - fe.n_samples, 0) / fe.sampling_rate)
+    if cropped is not None:
+        cropped.add(ignored, fe.n_samples / fe.sampling_rate)
+    chats = [conversation(instruction, texts[i] if texts else None, system_prompt) for i in range(len(audio))]
+    prompts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+    # The feature extractor computes in torch and converts to numpy, which has no bfloat16: keep it out
+    # of a surrounding autocast (Lightning's bf16-mixed on CPU wraps the training step in one).
+    with torch.autocast("cpu", enabled=False):
+        out = processor(text=prompts, audio=audio, sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt")
+    return Prompts(
+        input_ids=out["input_ids"],
+        attention_mask=out["attention_mask"],
+        input_features=out["input_features"].to(dtype),
+        feature_attention_mask=out["feature_attention_mask"],
+        seconds_ignored=tuple(ignored),
+    ).to(device)
