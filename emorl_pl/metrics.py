@@ -12,6 +12,7 @@ C[g, i], tp_i = C[i, i]::
     f1_macro     = mean_{i: support_i + predicted_i > 0} f1_i         (classes never seen are skipped)
     f1_weighted  = sum_i support_i f1_i / n
     invalid_rate = sum_g C[g, K] / n
+    recall/<c_i>  = tp_i / support_i                      (per class; nan when class i has no support)
 
 These equal scikit-learn's accuracy_score, recall_score(average="macro", labels=<classes present in
 gold>), f1_score(average="macro", labels=<classes present in gold or predictions>) and
@@ -32,7 +33,8 @@ from emorl_pl.emotions import get_label_set
 class SERMetrics(Metric):
     """WA, UA, weighted and macro F1, invalid rate and the confusion matrix for one label set.
 
-    ``compute()`` returns scalars ``wa``, ``ua``, ``f1_weighted``, ``f1_macro``, ``invalid_rate`` and
+    ``compute()`` returns scalars ``wa``, ``ua``, ``f1_weighted``, ``f1_macro``, ``invalid_rate``,
+    ``recall/<label>`` per class, and
     ``confusion``: the K x (K+1) count matrix (rows gold, columns predicted, last column ``invalid``;
     ``column_names`` names the columns). All scalars are nan before any update.
     """
@@ -96,11 +98,14 @@ class SERMetrics(Metric):
             wa, f1_weighted, invalid_rate = tp.sum() / n, (support * f1).sum() / n, c[:, k].sum() / n
         else:
             wa = f1_weighted = invalid_rate = nan
-        return {
+        out = {
             "wa": wa.float(),
             "ua": ua.float(),
             "f1_weighted": f1_weighted.float(),
             "f1_macro": f1_macro.float(),
             "invalid_rate": invalid_rate.float(),
-            "confusion": self.confusion.clone(),
         }
+        for i, label in enumerate(self.labels):
+            out[f"recall/{label}"] = (recall[i] if seen[i] else nan).float()
+        out["confusion"] = self.confusion.clone()
+        return out
