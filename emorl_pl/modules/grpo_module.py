@@ -41,7 +41,8 @@ from emorl_pl.cold_start import cold_start_target
 from emorl_pl.emotions import get_label_set
 from emorl_pl.metrics import SERMetrics
 from emorl_pl.modules.policy import AudioLMPolicy, Rollout
-from emorl_pl.reasoning import check_mode, instruction, parse_response
+from emorl_pl.prompts import PromptTemplate
+from emorl_pl.reasoning import check_mode, parse_response
 from emorl_pl.rewards import RewardOutput, RewardSet
 from emorl_pl.sampled_eval import majority_vote, pass_at_k
 from emorl_pl.schedules import lr_lambda, rl_progress, total_optimizer_steps
@@ -78,6 +79,8 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: sequences per forward/backward, to bound memory; never changes the result.
         accumulate_grad_batches: batches per window (TRL's generation batch = k x per-device batch):
             the loss is normalised over the window as TRL does (``emorl_pl.grpo.loss_normalizer``).
+        prompt: the prompt's words (``emorl_pl.prompts.PromptTemplate``: instruction per mode with
+            ``{labels}``, transcript form, system prompt, per-corpus overrides); None: the built-in text.
         sft_steps: supervised cold-start steps before GRPO (0 = none); ``sft_lr`` their LR.
         eval_samples: k > 0 adds sampled evaluation: k answers per utterance at ``eval_temperature``,
             reported as maj@k and pass@k (``emorl_pl.sampled_eval``), each with WA / UA / F1, next to
@@ -98,6 +101,7 @@ class GRPOModule(L.LightningModule):
         top_k: int = 0,
         max_new_tokens: int = 128,
         use_transcripts: bool = False,
+        prompt: PromptTemplate | None = None,
         beta: float = 0.04,
         epsilon_low: float = 0.2,
         epsilon_high: float | None = None,
@@ -138,7 +142,8 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"importance_sampling_level must be one of {list(grpo.IMPORTANCE_SAMPLING_LEVELS)}, "
                              f"got {importance_sampling_level!r}")
         self.optimizer_factory = optimizer
-        self.instruction = instruction(self.mode, self.labels)
+        self.prompt = prompt if prompt is not None else PromptTemplate()
+        self.instruction = self.prompt.user_text(self.mode, self.labels)
         self.automatic_optimization = False
         # The checkpoint holds only trainable weights (LoRA); base weights come from the model dir.
         self.strict_loading = False
@@ -205,8 +210,13 @@ class GRPOModule(L.LightningModule):
         return rl_progress(self.global_step, self._total_steps, self.hparams.sft_steps)
 
     def _prompts(self, batch: Mapping[str, Any]):
+        """The batch's prompts: the template's user text (and system prompt) per utterance and corpus."""
+        n = len(batch["waveforms"])
         texts = batch.get("texts") if self.hparams.use_transcripts else None
-        return self.policy.build_prompts(batch["waveforms"], batch["sample_rate"], self.instruction, texts)
+        corpora = batch.get("corpus") or [None] * n
+        users = [self.prompt.user_text(self.mode, self.labels, texts[i] if texts else None, corpora[i]) for i in range(n)]
+        systems = [self.prompt.system_prompt(c) for c in corpora]
+        return self.policy.build_prompts(batch["waveforms"], batch["sample_rate"], users, system_prompts=systems)
 
     def _window_full(self) -> bool:
         """Whether the current batch closes its window: k batches, or the epoch's last batch (a short

@@ -61,6 +61,28 @@ class LoraSettings:
     target_modules: list[str] | str | None = None
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of ``model`` to 0: ``nn.Dropout`` modules (e.g. LoRA's) and the float rates that
+    Hugging Face layers pass to ``F.dropout`` (``dropout``, ``attention_dropout``, ``activation_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 class AudioLMPolicy(nn.Module):
     """A local Hugging Face audio-LM + processor as a GRPO policy (see the module docstring).
 
@@ -79,6 +101,12 @@ class AudioLMPolicy(nn.Module):
 
     ``decoding``: "loop" (default) samples with the lean decode loop (``sampling.decode``); "generate" with
     Hugging Face ``generate`` on the same shared prefill (slower; the loop's oracle in tests and benchmarks).
+
+    ``dropout``: True (default, as TRL's ``disable_dropout: false``): the configured dropouts (LoRA's,
+    the model's own) act in the gradient passes only; sampling, evaluation and scoring without gradient
+    (the sampling policy's and the reference's log-probs) run in eval mode. False (TRL's
+    ``disable_dropout: true``): every dropout is set to 0. Either way the policy is in training mode after
+    ``load`` (Hugging Face gradient checkpointing only runs in training mode).
 
     ``share_prompt_kv``: ``completion_logps`` prefills each utterance's prompt once and indexes its
     keys/values out to the G rows that share it (default); False runs every row's full sequence, as the
@@ -99,6 +127,7 @@ class AudioLMPolicy(nn.Module):
         fused_decode: Literal["adapters", "merged", "off"] = "adapters",
         decoding: Literal["loop", "generate"] = "loop",
         share_prompt_kv: bool = True,
+        dropout: bool = True,
     ) -> None:
         super().__init__()
         if not build_tiny_if_missing and not Path(model_dir).is_dir():
@@ -125,6 +154,7 @@ class AudioLMPolicy(nn.Module):
         self.fused_decode = fused_decode
         self.decoding = decoding
         self.share_prompt_kv = share_prompt_kv
+        self.dropout = dropout
         self.model: nn.Module | None = None
         self.processor = None
         self.family: AudioLMFamily | None = None
@@ -189,6 +219,9 @@ class AudioLMPolicy(nn.Module):
             self.model = get_peft_model(hf_model, lora_config)
         else:
             self.model = hf_model
+        if not self.dropout:
+            disable_dropout(self.model)
+        self.model.train()  # from_pretrained returns eval mode; Lightning trains what it is given
         self._token_ids()
         return self
 
@@ -232,19 +265,23 @@ class AudioLMPolicy(nn.Module):
         self,
         waveforms: Sequence[Tensor],
         sample_rate: int,
-        instruction: str,
+        instruction: str | Sequence[str],
         texts: Sequence[str | None] | None = None,
+        system_prompts: Sequence[str | None] | None = None,
     ) -> Prompts:
-        """Chat-template prompts with one audio each, on the model's device (``prompting.build_prompts``).
+        """Chat-template prompts with one audio each, on the model's device (``prompting.build_prompts``);
+        ``instruction`` for all rows or one per row; ``system_prompts`` per row (None entries, or None:
+        this policy's ``system_prompt``).
 
         Audio past the encoder window is cropped: per utterance in ``Prompts.seconds_ignored``, in total in
         ``cropped_utterances`` / ``cropped_seconds``, logged as a warning the first time.
         """
         self.load()
         param = next(self._hf.parameters())
+        systems = self.system_prompt if system_prompts is None else [
+            self.system_prompt if s is None else s for s in system_prompts]
         return build_prompts(self.processor, waveforms, sample_rate, instruction, texts,
-                             system_prompt=self.system_prompt, cropped=self.cropped, device=param.device,
-                             dtype=param.dtype)
+                             system_prompt=systems, cropped=self.cropped, device=param.device, dtype=param.dtype)
 
     @property
     def cropped_utterances(self) -> int:
@@ -382,7 +419,9 @@ class AudioLMPolicy(nn.Module):
         r = scoring.as_row_index(rows, len(rollout), rollout.completion_ids.device)
         ctx = self.reference() if reference else contextlib.nullcontext(self._hf)
         grad = contextlib.nullcontext() if not reference else torch.no_grad()
-        with grad, ctx as hf_model:
+        # Scoring without a gradient (old / reference log-probs) never uses dropout.
+        mode = contextlib.nullcontext() if torch.is_grad_enabled() and not reference else _eval_mode(self.model)
+        with grad, mode, ctx as hf_model:
             pe = rollout.prompt
             utts, inverse = torch.unique(torch.div(r, rollout.group_size, rounding_mode="floor"), return_inverse=True)
             completion = rollout.completion_ids[r]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from emorl_pl.prompts import DEFAULT_TRANSCRIPT
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ def conversation(instruction: str, transcript: str | None = None, system_prompt:
     audio by that key only ({"type": "audio"} alone renders no ``<|AUDIO|>``); the waveform itself goes
     to the processor separately. Qwen2.5-Omni's template accepts the same part.
     """
-    text = f'Transcript: "{transcript}"\n{instruction}' if transcript else instruction
+    text = DEFAULT_TRANSCRIPT.format(transcript=transcript, instruction=instruction) if transcript else instruction
     turns = [{"role": "user", "content": [{"type": "audio", "audio": "<waveform>"}, {"type": "text", "text": text}]}]
     if system_prompt is not None:
         turns.insert(0, {"role": "system", "content": system_prompt})
@@ -90,10 +92,10 @@ def build_prompts(
     processor,
     waveforms: Sequence[Tensor],
     sample_rate: int,
-    instruction: str,
+    instruction: str | Sequence[str],
     texts: Sequence[str | None] | None = None,
     *,
-    system_prompt: str | None = None,
+    system_prompt: str | None | Sequence[str | None] = None,
     cropped: CroppedAudio | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -103,8 +105,9 @@ def build_prompts(
     Each 1-D waveform is resampled to the feature extractor's rate when ``sample_rate`` differs, and
     cropped to the feature extractor's ``chunk_length`` seconds (the encoder takes a fixed-length
     window: 30 s for Qwen2-Audio). What is cropped is counted per utterance in ``Prompts.seconds_ignored``
-    and added to ``cropped``. A transcript in ``texts[i]`` goes before the instruction. The features come
-    in ``dtype`` and everything on ``device``.
+    and added to ``cropped``. A transcript in ``texts[i]`` goes before the instruction. ``instruction`` and
+    ``system_prompt`` are one for all rows or one per row (``emorl_pl.prompts.PromptTemplate`` renders them
+    per utterance). The features come in ``dtype`` and everything on ``device``.
     """
     fe = processor.feature_extractor
     if texts is not None and len(texts) != len(waveforms):
@@ -122,7 +125,12 @@ def build_prompts(
         ignored.append(max(wave.numel() - fe.n_samples, 0) / fe.sampling_rate)
     if cropped is not None:
         cropped.add(ignored, fe.n_samples / fe.sampling_rate)
-    chats = [conversation(instruction, texts[i] if texts else None, system_prompt) for i in range(len(audio))]
+    n = len(audio)
+    instructions = [instruction] * n if isinstance(instruction, str) else list(instruction)
+    systems = list(system_prompt) if isinstance(system_prompt, (list, tuple)) else [system_prompt] * n
+    if len(instructions) != n or len(systems) != n:
+        raise ValueError(f"got {len(instructions)} instructions and {len(systems)} system prompts for {n} waveforms")
+    chats = [conversation(instructions[i], texts[i] if texts else None, systems[i]) for i in range(n)]
     prompts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
     # The feature extractor computes in torch and converts to numpy, which has no bfloat16: keep it out
     # of a surrounding autocast (Lightning's bf16-mixed on CPU wraps the training step in one).
