@@ -7,7 +7,9 @@ runs the test sets on the best checkpoint right after ``fit`` and prints the WA/
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -72,7 +74,21 @@ _LINKED_LABELS = (
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point (returns None so that the script exits 0 on success)."""
+    quiet_known_noise()
     run_cli(args)
+
+
+def quiet_known_noise() -> None:
+    """Drop two messages every run prints that say nothing about the run: Lightning's advertisement for
+    litlogger (logged at start-up whenever another logger is used) and the deprecation warning that
+    Lightning's own pytree helper triggers under torch 2.11 (``isinstance(treespec, LeafSpec)``). Only
+    these: every other log line and warning still shows."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_litlogger_tip)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.pytorch")
+
+
+def _not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
 
 
 def run_cli(args: list[str] | None = None) -> EmoRLCLI:
