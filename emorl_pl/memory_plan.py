@@ -259,7 +259,7 @@ class PlanSettings:
     @property
     def shared_prompt(self) -> bool:
         """``completion_logps`` in grad mode runs each prompt once and indexes its keys/values out to the
-        rows (``_shared_prompt_hidden``) unless the model is FSDP2-sharded (then: full sequences)."""
+        rows (``scoring.shared_prompt_hidden``) unless the model is FSDP2-sharded (then: full sequences)."""
         return self.strategy != "fsdp2"
 
     @property
