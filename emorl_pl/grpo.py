@@ -183,6 +183,85 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, chu
     return _SelectiveLogSoftmax.apply(logits, tokens.long(), float(temperature), int(chunk_size))
 
 
+class _LinearLogSoftmax(torch.autograd.Function):
+    """log softmax((h W^T + b) / tau)[token], never holding more than ``chunk_size`` rows of logits.
+
+    Forward keeps only h, W, b and the tokens; backward recomputes each chunk's logits:
+        g_z = (onehot(token) - softmax(z / tau)) * grad_out / tau       (chunk, T, V)
+        dh  = g_z W,   dW += g_z^T h,   db += sum g_z
+    The logits are computed in the dtype the forward's matmul used (autocast's, if on) and reduced in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
+                chunk_size: int) -> Tensor:
+        # float32 (float64 for float64 inputs), as token_logprobs
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        out = torch.empty(tokens.shape, dtype=out_dtype, device=hidden.device)
+        idx = tokens.unsqueeze(-1)
+        compute_dtype = None
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            z = torch.nn.functional.linear(hidden[rows], weight, bias)
+            compute_dtype = z.dtype
+            z = z.to(out_dtype)
+            if temperature != 1.0:
+                z = z / temperature
+            out[rows] = z.gather(-1, idx[rows]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        tau, dtype = ctx.temperature, ctx.compute_dtype
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        idx = tokens.unsqueeze(-1)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h = hidden[rows].to(dtype)
+            z = torch.nn.functional.linear(h, w, b).to(grad_out.dtype)
+            if tau != 1.0:
+                z = z / tau
+            g_out = grad_out[rows].unsqueeze(-1)
+            g = torch.softmax(z, dim=-1).mul_(-g_out)
+            g.scatter_add_(-1, idx[rows], g_out)
+            if tau != 1.0:
+                g.div_(tau)
+            g = g.to(dtype)
+            if need_h:
+                grad_h[rows] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.flatten(0, -2).T @ h.flatten(0, -2)).to(acc)
+            if need_b:
+                grad_b += g.flatten(0, -2).to(acc).sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+                          temperature: float = 1.0, chunk_size: int = 1) -> Tensor:
+    """``token_logprobs(linear(hidden, weight, bias), tokens)`` without the (N, T, V) logits: the output
+    projection (``lm_head``) runs ``chunk_size`` sequences at a time in forward and again in backward, so
+    at most (chunk_size, T, V) logits exist at once. (N, T, D) hidden, (V, D) weight -> (N, T) float32
+    (float64 for float64 inputs);
+    differentiable w.r.t. hidden, weight and bias."""
+    if hidden.dim() != 3 or tokens.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be (N, T, D) and tokens (N, T); got {tuple(hidden.shape)}, {tuple(tokens.shape)}")
+    if temperature <= 0 or chunk_size < 1:
+        raise ValueError(f"temperature must be > 0 and chunk_size >= 1, got {temperature}, {chunk_size}")
+    return _LinearLogSoftmax.apply(hidden, weight, bias, tokens.long(), float(temperature), int(chunk_size))
+
+
 # -------------------------------------------------------------------------------------------- masks
 def _eos_hits(completion_ids: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
     if completion_ids.dim() != 2:

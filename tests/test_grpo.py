@@ -404,3 +404,25 @@ def test_loss_argument_errors():
         grpo_loss(logps, old, ref, adv, mask[:, :3])
     with pytest.raises(ValueError, match="advantages must be"):
         grpo_loss(logps, old, ref, adv[:3], mask)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_token_logprobs_equal_the_full_logits_path(temperature, bias):
+    from emorl_pl.grpo import linear_token_logprobs
+
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(30, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    tokens = torch.randint(0, 30, (5, 4), generator=g)
+    grad = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    ours = linear_token_logprobs(hidden, weight, b, tokens, temperature, chunk_size=2)
+    ref = torch.log_softmax(torch.nn.functional.linear(hidden, weight, b) / temperature, -1).gather(
+        -1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=0)
+    inputs = [hidden, weight] + ([b] if bias else [])
+    got = torch.autograd.grad((ours * grad).sum(), inputs)
+    want = torch.autograd.grad((ref * grad).sum(), inputs)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)

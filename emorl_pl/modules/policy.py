@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from emorl_pl.grpo import completion_mask, is_truncated, token_logprobs
+from emorl_pl.grpo import completion_mask, is_truncated, linear_token_logprobs, token_logprobs
 from emorl_pl.modules import reference as ref_weights
 from emorl_pl.modules import sampling, scoring
 from emorl_pl.modules.families import AudioLMFamily, family_for, import_class
@@ -430,8 +430,12 @@ class AudioLMPolicy(nn.Module):
                 self._prompt_embeds(hf_model, pe, utts, reference), pe.attention_mask[utts], inverse, completion,
                 share_prompt_kv=self.share_prompt_kv, sharded=self.is_sharded,
             )
-            logits = hf_model.lm_head(hidden)
-            return token_logprobs(logits, completion, temperature=temperature, chunk_size=chunk_size)
+            head = hf_model.lm_head
+            if type(head) is nn.Linear:  # never the (n, T, V) logits: lm_head runs in row chunks, both ways
+                return linear_token_logprobs(hidden, head.weight, head.bias, completion, temperature, chunk_size)
+            # An FSDP2 unit (its forward gathers the weight and its backward reduces the gradient) or an
+            # adapted head: through its own forward.
+            return token_logprobs(head(hidden), completion, temperature=temperature, chunk_size=chunk_size)
 
     # ---------------------------------------------------------------------------------------- reference
     @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""The policy's dropout switch: dropout acts in gradient passes only (default, as TRL) or nowhere; the policy
-is in training mode after loading (Hugging Face gradient checkpointing needs it)."""
+"""Scoring with the policy: the dropout switch (dropout acts in gradient passes only, as TRL, or nowhere), the
+policy in training mode after loading (Hugging Face gradient checkpointing needs it), and log-probs that
+never build the (n, T, V) logits."""
 
 from __future__ import annotations
 
@@ -51,3 +52,30 @@ def test_dropout_false_sets_every_dropout_to_zero(real_model_dir):
         a = policy.completion_logps(rollout)
     torch.manual_seed(3)
     torch.testing.assert_close(policy.completion_logps(rollout).detach(), a, atol=1e-5, rtol=0)
+
+
+def test_completion_logps_never_build_the_full_logits_and_match_them(real_model_dir, monkeypatch):
+    """Full fine-tuning (lm_head trained): the chunked lm_head path gives the log-probs and gradients of
+    log_softmax(lm_head(h)), the full (n, T, V) logits path, which the test substitutes as the oracle."""
+    import emorl_pl.modules.policy as policy_module
+    from emorl_pl.grpo import token_logprobs
+
+    policy = AudioLMPolicy(real_model_dir, lora=None, dropout=False).load()
+    rollout = _rollout(policy)
+    params = [p for p in policy.trainable_parameters()]
+
+    def run():
+        for p in params:
+            p.grad = None
+        logps = policy.completion_logps(rollout, temperature=0.8)
+        (logps * rollout.completion_mask).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    ours, ours_grads = run()
+    monkeypatch.setattr(policy_module, "linear_token_logprobs", lambda h, w, b, tok, tau, chunk: token_logprobs(
+        torch.nn.functional.linear(h, w, b), tok, temperature=tau, chunk_size=chunk))
+    full, full_grads = run()
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=0)
+    assert any("lm_head" in n for n in ours_grads) and set(ours_grads) == set(full_grads)
+    for name in full_grads:
+        torch.testing.assert_close(ours_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
