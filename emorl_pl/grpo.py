@@ -111,6 +111,16 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
 
 
 # ----------------------------------------------------------------------------------- token log-probs
+def _selected_logprob_grad(z: Tensor, idx: Tensor, grad_out: Tensor, tau: float) -> Tensor:
+    """d/dz of sum grad_out * log softmax(z / tau)[idx] = (onehot(idx) - softmax(z / tau)) * grad_out / tau."""
+    if tau != 1.0:
+        z = z / tau
+    g_out = grad_out.unsqueeze(-1)
+    g = torch.softmax(z, dim=-1).mul_(-g_out)
+    g.scatter_add_(-1, idx, g_out)
+    return g.div_(tau) if tau != 1.0 else g
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(x / tau)[token], chunked over rows in forward and (recomputed) in backward.
 
@@ -147,15 +157,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         idx = tokens.unsqueeze(-1)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            x = logits[rows].to(grad_out.dtype)
-            if tau != 1.0:
-                x = x / tau
-            g_out = grad_out[rows].unsqueeze(-1)
-            g = torch.softmax(x, dim=-1).mul_(-g_out)
-            g.scatter_add_(-1, idx[rows], g_out)
-            if tau != 1.0:
-                g.div_(tau)
-            grad[rows] = g.to(logits.dtype)
+            grad[rows] = _selected_logprob_grad(logits[rows].to(grad_out.dtype), idx[rows], grad_out[rows], tau)
         return grad, None, None, None
 
 
@@ -230,14 +232,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             h = hidden[rows].to(dtype)
             z = torch.nn.functional.linear(h, w, b).to(grad_out.dtype)
-            if tau != 1.0:
-                z = z / tau
-            g_out = grad_out[rows].unsqueeze(-1)
-            g = torch.softmax(z, dim=-1).mul_(-g_out)
-            g.scatter_add_(-1, idx[rows], g_out)
-            if tau != 1.0:
-                g.div_(tau)
-            g = g.to(dtype)
+            g = _selected_logprob_grad(z, idx[rows], grad_out[rows], tau).to(dtype)
             if need_h:
                 grad_h[rows] = (g @ w).to(hidden.dtype)
             if need_w:

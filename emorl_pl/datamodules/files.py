@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from emorl_pl.audio import load_audio, resample, to_mono
+from emorl_pl.datamodules.webdataset import rank_and_world_size
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus")
 
@@ -146,12 +147,7 @@ class AudioFilesDataModule(L.LightningDataModule):
 
     def distributed_info(self) -> tuple[int, int]:
         """(rank, world_size): from the attached trainer, else torch.distributed, else (0, 1)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size(getattr(self, "trainer", None))
 
     def build_predict_loader(self, rank: int | None = None, world_size: int | None = None) -> FileLoader:
         """The predict batches of one rank (explicit rank/world_size override the trainer's, for tests)."""

@@ -95,6 +95,15 @@ PLACEHOLDER_SECONDS = 0.1
 LAYOUT_KEYS = ("world_size", "batch_size", "seed", "samples", "epoch_length")
 
 
+def rank_and_world_size(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, world_size) of ``trainer``, else of torch.distributed when it is up, else (0, 1)."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def collate_samples(samples: list[dict], sample_rate: int) -> Batch:
     """Lists, no padding: decoded samples -> the model-agnostic batch dict (waveforms still numpy here;
     ShardLoader makes them tensors in the main process, because sending many small tensors from workers
@@ -687,12 +696,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def distributed_info(self) -> tuple[int, int]:
         """(rank, world_size): from the attached trainer, else torch.distributed, else (0, 1)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size(getattr(self, "trainer", None))
 
     def _source(self, kind: str, spec: str | None) -> str:
         if spec is None:
