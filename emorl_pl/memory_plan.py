@@ -397,21 +397,34 @@ def _kv_bytes(g: ModelGeometry, rows: int, tokens: int, nbytes: int) -> float:
 def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> float:
     """No-grad audio tower on the padded window, per utterance: mel features (mels x 2S, fp32), conv1
     output (d x 2S), then per layer hidden, residual, q/k/v/attention output (S x d each) and the FFN
-    (S x f); SDPA's efficient kernels keep no S x S scores (the math kernel on CPU does: heads x S x S)."""
+    (S x f); SDPA's fused kernels (flash / memory-efficient on GPU, flash on CPU, masks included) keep no
+    S x S scores."""
     frames, positions = 2 * g.max_source_positions, g.max_source_positions
     d, b = g.audio_d_model, s.act_bytes
-    per = g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b
-    if s.device == "cpu":
-        per += g.audio_heads * positions * positions * 4
-    return utterances * per
+    return utterances * (g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
 
 
 def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
-    """``completion_logps`` -> ``lm_head`` over (rows, T, D) -> logits (rows, T, V) in b_l, kept for
-    ``_SelectiveLogSoftmax``'s backward; its forward and backward work one row at a time (chunk_size=1):
-    forward logsumexp makes 2 (T, V) fp32 temporaries (+ 1 upcast copy of bf16 logits); backward makes the
-    (rows, T, V) gradient in b_l and, per row, an fp32 softmax (+ the upcast copy)."""
+    """``completion_logps``'s output projection.
+
+    A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: one row's (T, V)
+    logits at a time, recomputed in backward: forward z in b_l + its fp32 copy + the logsumexp temporary;
+    backward z in b_l, its fp32 copy, the fp32 softmax-gradient and its b_l cast, and, when lm_head is
+    trained (full fine-tuning), an fp32 (V, D) weight-gradient accumulator.
+    An FSDP2 unit runs its own forward: logits (rows, T, V) in b_l, kept for ``_SelectiveLogSoftmax``'s
+    backward, which works one row at a time: forward logsumexp makes 2 (T, V) fp32 temporaries (+ 1 upcast
+    copy of bf16 logits); backward makes the (rows, T, V) gradient in b_l and, per row, an fp32 softmax
+    (+ the upcast copy)."""
     t, v, b = s.max_new_tokens, g.vocab_size, s.act_bytes
+    if s.strategy != "fsdp2":
+        row = t * v
+        if not grad:
+            return (Piece("logits, one row at a time (chunked lm_head)", row * (b + 8), f"{t} x {v}, b_l + 2 fp32"),)
+        pieces = [Piece("logits recomputed per row in backward (chunked lm_head)", row * (2 * b + 8),
+                        f"{t} x {v}: z, fp32 z, softmax-gradient")]
+        if not s.lora:
+            pieces.append(Piece("lm_head weight-gradient accumulator", v * g.hidden_size * 4, "V x D fp32"))
+        return tuple(pieces)
     logits = rows * t * v * b
     upcast = t * v * 4 if b != 4 else 0
     if not grad:

@@ -294,7 +294,9 @@ class AudioLMPolicy(nn.Module):
     def encode_prompts(self, prompts: Prompts) -> PromptEmbeds:
         """Run the audio tower once and merge: (B, P, D) prompt embeddings + the cached tower output."""
         self.load()
-        with torch.no_grad():
+        # Eval mode, as every pass without gradient: no dropout, and no random draws (the audio encoder's
+        # layer drop samples torch.rand per layer in training mode, shifting the sampling RNG).
+        with torch.no_grad(), _eval_mode(self.model):
             hidden = self.family.encode_audio(self._hf, prompts.input_features, prompts.feature_attention_mask)
         hidden = [h.detach() for h in hidden]
         embeds = self.family.merge(self._hf, prompts.input_ids, hidden)
