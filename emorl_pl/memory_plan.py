@@ -404,12 +404,17 @@ def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> 
     return utterances * (g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
 
 
+# emorl_pl.grpo.LOGITS_CHUNK_TOKENS (this module imports no torch; a test checks they agree)
+LOGITS_CHUNK_TOKENS = 256
+
+
 def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
     """``completion_logps``'s output projection.
 
-    A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: one row's (T, V)
-    logits at a time, recomputed in backward: forward z in b_l + its fp32 copy + the logsumexp temporary;
-    backward z in b_l, its fp32 copy, the fp32 softmax-gradient and its b_l cast, and, when lm_head is
+    A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: c = max(1, 256 // T)
+    rows' (c, T, V) logits at a time, recomputed in backward: forward z in b_l + its fp32 copy (none when b_l
+    is 4) + the logsumexp temporary; backward z, its fp32 copy, the fp32 softmax-gradient (in place) and its
+    b_l cast (none when b_l is 4), and, when lm_head is
     trained (full fine-tuning), an fp32 (V, D) weight-gradient accumulator.
     An FSDP2 unit runs its own forward: logits (rows, T, V) in b_l, kept for ``_SelectiveLogSoftmax``'s
     backward, which works one row at a time: forward logsumexp makes 2 (T, V) fp32 temporaries (+ 1 upcast
@@ -417,11 +422,15 @@ def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> 
     (+ the upcast copy)."""
     t, v, b = s.max_new_tokens, g.vocab_size, s.act_bytes
     if s.strategy != "fsdp2":
-        row = t * v
+        chunk = min(rows, max(1, LOGITS_CHUNK_TOKENS // t))
+        cells = chunk * t * v
+        upcast = 4 if b != 4 else 0  # .float() of fp32 logits is the same tensor
         if not grad:
-            return (Piece("logits, one row at a time (chunked lm_head)", row * (b + 8), f"{t} x {v}, b_l + 2 fp32"),)
-        pieces = [Piece("logits recomputed per row in backward (chunked lm_head)", row * (2 * b + 8),
-                        f"{t} x {v}: z, fp32 z, softmax-gradient")]
+            return (Piece("logits, a chunk of rows at a time (chunked lm_head)", cells * (b + upcast + 4),
+                          f"{chunk} x {t} x {v}: z, fp32 z, logsumexp temporary"),)
+        pieces = [Piece("logits recomputed per chunk in backward (chunked lm_head)",
+                        cells * (b + upcast + 4 + (b if b != 4 else 0)),
+                        f"{chunk} x {t} x {v}: z, fp32 z, softmax-gradient (and its cast)")]
         if not s.lora:
             pieces.append(Piece("lm_head weight-gradient accumulator", v * g.hidden_size * 4, "V x D fp32"))
         return tuple(pieces)

@@ -429,3 +429,9 @@ def _measure_child(shapes: list[dict]) -> None:
 
 if __name__ == "__main__":
     _measure_child(json.loads(sys.argv[1]))
+
+
+def test_logits_chunk_matches_the_code():
+    from emorl_pl import grpo, memory_plan
+
+    assert memory_plan.LOGITS_CHUNK_TOKENS == grpo.LOGITS_CHUNK_TOKENS

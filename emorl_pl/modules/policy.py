@@ -23,7 +23,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from emorl_pl.grpo import completion_mask, is_truncated, linear_token_logprobs, token_logprobs
+from emorl_pl.grpo import (
+    LOGITS_CHUNK_TOKENS,
+    completion_mask,
+    is_truncated,
+    linear_token_logprobs,
+    token_logprobs,
+)
 from emorl_pl.modules import reference as ref_weights
 from emorl_pl.modules import sampling, scoring
 from emorl_pl.modules.families import AudioLMFamily, family_for, import_class
@@ -434,7 +440,8 @@ class AudioLMPolicy(nn.Module):
             )
             head = hf_model.lm_head
             if type(head) is nn.Linear:  # never the (n, T, V) logits: lm_head runs in row chunks, both ways
-                return linear_token_logprobs(hidden, head.weight, head.bias, completion, temperature, chunk_size)
+                rows = max(chunk_size, LOGITS_CHUNK_TOKENS // max(1, completion.shape[1]))
+                return linear_token_logprobs(hidden, head.weight, head.bias, completion, temperature, rows)
             # An FSDP2 unit (its forward gathers the weight and its backward reduces the gradient) or an
             # adapted head: through its own forward.
             return token_logprobs(head(hidden), completion, temperature=temperature, chunk_size=chunk_size)
