@@ -8,18 +8,56 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from roofline import PHASES, Machine, StepShape, bound, step_work
+from roofline import floor_seconds as roofline_floor
 from torch import Tensor, nn
+
+from emorl_pl.memory_plan import ModelGeometry, audio_tokens
+from emorl_pl.plan_cli import geometry_from_config
 
 LABELS = ("neutral", "happy", "angry", "sad")
 SAMPLE_RATE = 16000
+TMP = Path(tempfile.gettempdir())
+
+# Benchmark shapes. "toy": the 1024-token BPE, 2 s window, d = 64 (measures Python overhead, the quick
+# default). "realistic": Qwen2-Audio-7B-Instruct's tokenizer, 156,032-row vocabulary and 30 s encoder
+# window with an encoder of d = 256 x 4 layers and a language model of d = 512 x 4 layers, 4 s of audio.
+# ``hf_floor``: also time the Hugging Face ``generate`` floor (``floor_seconds``) after each step.
+SHAPES: dict[str, dict[str, Any]] = {
+    "toy": {"batch_size": 4, "group_size": 6, "max_new_tokens": 64, "seconds": 1.5, "warmup": 1, "reps": 5,
+            "hf_floor": True},
+    "realistic": {"batch_size": 4, "group_size": 6, "max_new_tokens": 64, "seconds": 4.0, "warmup": 1, "reps": 2,
+                  "hf_floor": False},
+}
+REALISTIC_SIZES = {"hidden_size": 512, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 2048,
+                   "audio_d_model": 256, "encoder_layers": 4, "audio_heads": 4, "audio_ffn": 1024}
+
+
+def model_dir_for(shape: str, root: Path = TMP) -> str:
+    """The shape's model, built once under ``root`` (no downloads): the toy, or the real-shape model with
+    ``REALISTIC_SIZES`` (``emorl_pl.modules.tiny.build_real_shape_qwen2_audio``)."""
+    from emorl_pl.modules.tiny import build_real_shape_qwen2_audio, ensure_tiny_model
+
+    if shape == "toy":
+        return str(ensure_tiny_model(root / "emorl_tiny_bench"))
+    if shape == "realistic":
+        return str(build_real_shape_qwen2_audio(root / "emorl_realistic_bench_d512x4_a256x4", **REALISTIC_SIZES))
+    raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+
+
+def hf_audio_tower(hf_model: nn.Module) -> nn.Module:
+    """A Hugging Face audio-LM's audio encoder (for a model outside ``AudioLMPolicy``, e.g. TRL's)."""
+    return getattr(hf_model, "audio_tower", None) or hf_model.model.audio_tower
 
 
 def synthetic_batch(batch_size: int, seconds: float = 1.5, seed: int = 0) -> dict[str, Any]:
@@ -60,23 +98,33 @@ class PhaseTimer:
         self.current: dict[str, float] = defaultdict(float)
         self._depth: dict[str, int] = defaultdict(int)
 
-    @contextlib.contextmanager
-    def span(self, phase: str) -> Iterator[None]:
+        self._starts: dict[str, float] = {}
+        self.entries: dict[str, int] = defaultdict(int)  # outermost spans opened per phase, ever
+
+    def begin(self, phase: str) -> None:
         self._depth[phase] += 1
         if self._depth[phase] > 1:  # re-entered (e.g. rollout -> encode_prompts): the outer span counts
-            try:
-                yield
-            finally:
-                self._depth[phase] -= 1
             return
+        self.entries[phase] += 1
         sync()
-        start = time.perf_counter()
+        self._starts[phase] = time.perf_counter()
+
+    def end(self, phase: str) -> None:
+        self._depth[phase] -= 1
+        if self._depth[phase] == 0:
+            sync()
+            self.current[phase] += time.perf_counter() - self._starts.pop(phase)
+
+    def active(self, phase: str) -> bool:
+        return self._depth[phase] > 0
+
+    @contextlib.contextmanager
+    def span(self, phase: str) -> Iterator[None]:
+        self.begin(phase)
         try:
             yield
         finally:
-            sync()
-            self.current[phase] += time.perf_counter() - start
-            self._depth[phase] -= 1
+            self.end(phase)
 
     def end_step(self, **totals: float) -> None:
         self.steps.append({**self.current, **totals})
@@ -106,6 +154,28 @@ class PhaseTimer:
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
+
+    def time_first_call(self, module: nn.Module, phase: str, within: str) -> None:
+        """Time the first forward of ``module`` inside each span of ``within`` as ``phase`` (e.g. the
+        decoder's first call in a rollout is the prompt's prefill; the fused decode step never calls it)."""
+        seen = {"entry": 0}
+
+        def pre(*_):
+            if self.active(within) and seen["entry"] != self.entries[within]:
+                seen["entry"] = self.entries[within]
+                self.begin(phase)
+
+        def post(*_):
+            if self.active(phase):
+                self.end(phase)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def time_optimizer(self, optimizer: torch.optim.Optimizer, phase: str) -> None:
+        """Time every ``optimizer.step()`` (torch's step hooks)."""
+        optimizer.register_step_pre_hook(lambda *_: self.begin(phase))
+        optimizer.register_step_post_hook(lambda *_: self.end(phase))
 
 
 class CallCounter:
@@ -245,3 +315,105 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
         print("  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
+
+
+# ------------------------------------------------------------------------------------------ roofline
+def _best_seconds(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+    """The fastest of ``reps`` timed calls after one warm-up: a machine's attainable rate, not its average."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """2 n^3 FLOPs of an (n x n) @ (n x n) matmul in ``dtype``, at the best of a few runs."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _best_seconds(lambda: a @ b, 5 if device.type == "cuda" else 3, device)
+
+
+def memory_bytes_per_s(device: torch.device, size: int) -> float:
+    """The better of a ``size``-byte copy (2 bytes moved per byte: read + write) and a sum (1 byte read)."""
+    x = torch.ones(size // 4, device=device)
+    y = torch.empty_like(x)
+    copy = 2 * size / _best_seconds(lambda: y.copy_(x), 5, device)
+    return max(copy, size / _best_seconds(lambda: x.sum(), 5, device))
+
+
+def measure_machine(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    quick: bool = False) -> Machine:
+    """This machine's matmul FLOP/s (a large square matmul in ``dtype``) and memory bandwidth (a tensor far
+    beyond any cache), each the best of a few runs, measured now: the roofline's rates."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = (8192 if cuda else 2048) // (2 if quick else 1)
+    size = (2**31 if cuda else 2**28) // (8 if quick else 1)
+    return Machine(flops_per_s=matmul_flops_per_s(device, dtype, n), bytes_per_s=memory_bytes_per_s(device, size))
+
+
+def step_shape(args: Any, prompt_tokens: int, new_tokens: int, model_dir: str, bytes_per_value: int = 4,
+               lora_rank: int | None = 8) -> tuple[ModelGeometry, StepShape]:
+    """The roofline's model (from ``config.json``) and work (the run's B, G, beta; the prompt length and the
+    completions' width as measured) of a benchmark run."""
+    geometry = geometry_from_config(Path(model_dir) / "config.json")
+    shape = StepShape(batch_size=args.batch_size, group_size=args.group_size, prompt_tokens=int(prompt_tokens),
+                      new_tokens=int(new_tokens), audio_tokens=audio_tokens(args.seconds, geometry.window_seconds),
+                      bytes_per_value=bytes_per_value, lora_rank=lora_rank, beta=args.beta)
+    return geometry, shape
+
+
+def measured_phases(step: Mapping[str, float]) -> dict[str, float]:
+    """Our step's seconds per roofline phase, from ``PhaseTimer`` phases: the audio tower's own time,
+    the rollout's first decoder call (prefill) and the rest of it (decode), the policy's log-prob forward +
+    backward, the reference pass, the optimizer step; "other" is the rest of the step (processor, audio
+    merge, rewards, advantages, clipping, logging, Lightning)."""
+    prefill = step.get("prefill (share)", 0.0)
+    out = {
+        "audio encoder": step.get("audio tower (share)", 0.0),
+        "prompt prefill": prefill,
+        "decode": step.get("rollout (generate)", 0.0) - prefill,
+        "policy forward+backward": step.get("logps policy (fwd)", 0.0) + step.get("backward", 0.0),
+        "reference forward": step.get("logps ref (no grad)", 0.0),
+        "optimizer": step.get("optimizer", 0.0),
+    }
+    out["other"] = step["step"] - sum(out.values())
+    return out
+
+
+def roofline_table(geometry: ModelGeometry, shape: StepShape, machines: Sequence[Machine],
+                   steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Print each phase's floor against its measured time (medians over steps, each step against the rates
+    measured right after it, so that a machine whose speed drifts is compared with itself); return the
+    step's figures."""
+    works = step_work(geometry, shape)
+    floors = [roofline_floor(works, m) for m in machines]
+    phases = [measured_phases(s) for s in steps]
+
+    def med(values) -> float:
+        return quantiles(list(values))["median"]
+
+    rows = [[name, 1e3 * med(p[name] for p in phases), 1e3 * med(f[name] for f in floors),
+             med(p[name] / max(f[name], 1e-12) for p, f in zip(phases, floors)), bound(works[name], machines[0]),
+             works[name].flops / 1e9, works[name].bytes / 2**20] for name in PHASES]
+    rows.append(["other (processor, merge, rewards, Lightning)", 1e3 * med(p["other"] for p in phases), 0.0,
+                 float("inf"), "-", 0.0, 0.0])
+    ratio = quantiles([s["step"] / f["step"] for s, f in zip(steps, floors)])
+    rows.append(["step", 1e3 * med(s["step"] for s in steps), 1e3 * med(f["step"] for f in floors), ratio["median"],
+                 "-", sum(w.flops for w in works.values()) / 1e9, sum(w.bytes for w in works.values()) / 2**20])
+    flops = quantiles([m.flops_per_s / 1e9 for m in machines])
+    bandwidth = quantiles([m.bytes_per_s / 1e9 for m in machines])
+    print(f"\nmachine (measured after each step): matmul {flops['median']:.1f} GFLOP/s ({flops['min']:.1f}-"
+          f"{flops['max']:.1f}), memory {bandwidth['median']:.1f} GB/s ({bandwidth['min']:.1f}-{bandwidth['max']:.1f}); "
+          f"work: B={shape.batch_size} G={shape.group_size} P={shape.prompt_tokens} T={shape.new_tokens} "
+          f"A={shape.audio_tokens} b={shape.bytes_per_value}")
+    print_table("roofline floor per phase (ours, medians)",
+                ["phase", "measured ms", "floor ms", "measured/floor", "bound", "GFLOP", "MiB moved"], rows)
+    print(f"\nfloor / step = {1 / ratio['median']:.3f} (step = {ratio['median']:.2f} x floor, "
+          f"min {ratio['min']:.2f}, max {ratio['max']:.2f})")
+    return {"floor_s": med(f["step"] for f in floors), "floor_over_step": 1 / ratio["median"],
+            "step_over_roofline": ratio["median"]}

@@ -1,7 +1,8 @@
 """Our GRPO step vs TRL 1.16's ``GRPOTrainer`` on the same audio-LM, batch and hyper-parameters.
 
-    pip install -e ".[bench]"          # trl==1.16.0
-    python benchmarks/vs_trl.py        # tiny random Qwen2-Audio, B=4, G=6, 64 tokens, 5 reps each
+    pip install -e ".[bench]"                        # trl==1.16.0
+    python benchmarks/vs_trl.py                      # toy Qwen2-Audio, B=4, G=6, 64 tokens, 5 reps each
+    python benchmarks/vs_trl.py --shape realistic    # real vocabulary + 30 s window, 4 s audio, 2 reps each
 
 Both sides load the same weights from one model dir, train the same LoRA (same target modules, r,
 alpha), and see the same B utterances every step with the same G, max_new_tokens, temperature, loss
@@ -19,8 +20,11 @@ the trainers. Memory, in each trainer's own process (CUDA: allocated; CPU: sampl
 ``_common.PeakMemory``): "peak" is per step above that step's start (allocator caching makes it read low
 on CPU once buffers are reused), "footprint" the highest level over all steps above the level before the
 first step (what training adds to the loaded model: optimizer state, caches, activations). After both
-loops end, the floor (``_common.floor_seconds``) is measured alone as many times as there were steps.
-Printed: medians, ratios ours/TRL with min-max and IQR over repetitions, step/floor.
+loops end, in our process: the Hugging Face floor (``_common.floor_seconds``, with ``--hf-floor``: the
+toy's default) alone as many times as there were steps, and this machine's matmul FLOP/s and memory
+bandwidth for the roofline floor (``roofline.py``), printed per phase of our step. Printed: medians, ratios
+ours/TRL with min-max and IQR over repetitions, step/floor, and the size of the (rows, T, V) logits and
+their gradient that a log-prob pass materialising them would hold, against our footprint.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import queue
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -38,8 +43,32 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CallCounter, PeakMemory, floor_seconds, print_table, quantiles, sync, synthetic_batch  # noqa: E402
-from grpo_step import build_module, default_model_dir, parse_step_args, step_arguments  # noqa: E402
+from _common import (  # noqa: E402
+    CallCounter,
+    PeakMemory,
+    PhaseTimer,
+    floor_seconds,
+    hf_audio_tower,
+    measure_machine,
+    print_table,
+    quantiles,
+    roofline_table,
+    step_shape,
+    sync,
+    synthetic_batch,
+)
+from grpo_step import (  # noqa: E402
+    OptimizerTiming,
+    build_module,
+    count_rollouts,
+    default_model_dir,
+    instrument,
+    parse_step_args,
+    prompt_tokens,
+    set_threads,
+    step_arguments,
+)
+from roofline import Machine, logits_bytes  # noqa: E402
 
 from emorl_pl.modules.policy import AudioLMPolicy  # noqa: E402
 
@@ -86,15 +115,19 @@ class Baton:
 class Side:
     """Per-step records of one trainer: wall time, peak memory, completion tokens, audio-tower calls."""
 
-    def __init__(self, name: str, baton: Baton, steps: int, tower: torch.nn.Module, memory: PeakMemory) -> None:
-        self.name, self.baton, self.steps, self.memory = name, baton, steps, memory
+    def __init__(self, name: str, baton: Baton, steps: int, tower: torch.nn.Module, memory: PeakMemory,
+                 timer: PhaseTimer | None = None, rates: Callable[[], Machine] | None = None) -> None:
+        self.name, self.baton, self.steps, self.memory, self.timer = name, baton, steps, memory, timer
+        self.rates = rates  # the machine's rates, measured after each step while this side holds the baton
+        self.machines: list[Machine] = []
         self.counter = CallCounter(tower)
         self.times: list[float] = []
         self.peaks: list[float] = []
         self.tokens: list[float] = []
+        self.widths: list[int] = []
         self.calls: list[int] = []
         self.rows: list[int] = []
-        self.last_tokens = float("nan")
+        self.last_tokens, self.last_width = float("nan"), 0
         self.holding = False
         self.base: int | None = None  # memory level before the first step
 
@@ -121,14 +154,20 @@ class Side:
         self.calls.append(calls - self._counts[0])
         self.rows.append(rows - self._counts[1])
         self.tokens.append(self.last_tokens)
+        self.widths.append(self.last_width)
+        if self.timer is not None:  # our phases: the step's total is this span's
+            self.timer.end_step(step=self.times[-1])
+        if self.rates is not None:
+            self.machines.append(self.rates())
         if len(self.times) >= self.steps:
             self.baton.release(self.name, finished=True)
             self.holding = False
             self.baton.wait_all_done()
 
     def record(self) -> dict:
-        return {"times": self.times, "peaks": self.peaks, "tokens": self.tokens, "calls": self.calls,
-                "rows": self.rows, "footprint": (self.memory.high - self.base) / 2**20}
+        return {"times": self.times, "peaks": self.peaks, "tokens": self.tokens, "widths": self.widths,
+                "calls": self.calls, "rows": self.rows, "footprint": (self.memory.high - self.base) / 2**20,
+                "phases": self.timer.steps if self.timer is not None else [], "machines": self.machines}
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -191,7 +230,7 @@ def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction
 
     texts = []
     for _ in batch["waveforms"]:
-        conversation = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction}]}]
+        conversation = [{"role": "user", "content": [{"type": "audio", "audio": "<waveform>"}, {"type": "text", "text": instruction}]}]
         texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
     dataset = Dataset.from_list([
         {"prompt": t, "audio": w[: fe.n_samples].numpy(), "label": label}
@@ -234,13 +273,13 @@ def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction
         seed=0,
     )
     model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    AudioLMPolicy._audio_tower(model).requires_grad_(False)
+    hf_audio_tower(model).requires_grad_(False)
     # TRL suppresses ``config.image_token_id`` for any processor; our generation_kwargs override it anyway.
     model.config.image_token_id = model.config.audio_token_id
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets, bias="none")
     trainer = AudioGRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                                processing_class=processor, peft_config=lora)
-    side = side_factory(AudioLMPolicy._audio_tower(model))
+    side = side_factory(hf_audio_tower(model))
 
     class Timing(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -268,24 +307,21 @@ class OursTiming(L.Callback):
 def _run_ours(args, model_dir: str, baton: Baton, batch: dict) -> dict:
     module = build_module(args, model_dir)
     policy: AudioLMPolicy = module.policy.load()
-    ours = Side("ours", baton, args.warmup + args.reps, policy._audio_tower(policy.hf_model), PeakMemory())
-    rollout_fn = policy.rollout
-
-    def counting_rollout(*a, **k):
-        out = rollout_fn(*a, **k)
-        ours.last_tokens = float(out.completion_mask.sum())
-        return out
-
-    policy.rollout = counting_rollout
+    timer = PhaseTimer()
+    instrument(module, timer)
+    ours = Side("ours", baton, args.warmup + args.reps, policy.direct_call_modules()["audio_tower"], PeakMemory(),
+                timer, rates=lambda: measure_machine(module.device, quick=args.quick))
+    count_rollouts(policy, ours)
     trainer = L.Trainer(max_steps=ours.steps, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[OursTiming(ours)])
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[OursTiming(ours), OptimizerTiming(timer)])
     trainer.fit(module, torch.utils.data.DataLoader([batch] * ours.steps, batch_size=None))
-    # The floor once per step, after both loops have finished their steps (so its allocations do not
-    # count in our footprint, and nothing else runs).
+    # After both loops have finished their steps (so that these allocations do not count in our footprint,
+    # and nothing else runs): the HF floor once per step, the prompt's length.
     floors = [floor_seconds(policy, batch, module.instruction, args.group_size, args.max_new_tokens, args.beta,
-                            args.temperature) for _ in range(ours.steps)]
-    return {**ours.record(), "floors": floors, "device": str(trainer.strategy.root_device)}
+                            args.temperature) for _ in range(ours.steps if args.hf_floor else 0)]
+    return {**ours.record(), "floors": floors, "device": str(trainer.strategy.root_device),
+            "prompt_tokens": prompt_tokens(policy, batch, module.instruction)}
 
 
 def _run_trl(args, model_dir: str, baton: Baton, batch: dict, shared: dict) -> dict:
@@ -301,6 +337,7 @@ def _run_trl(args, model_dir: str, baton: Baton, batch: dict, shared: dict) -> d
 def _side_process(name: str, args, model_dir: str, baton: Baton, shared: dict, results) -> None:
     """One trainer in its own process; its records (or its error) go back through ``results``."""
     try:
+        set_threads(args)
         torch.manual_seed(0)
         batch = synthetic_batch(args.batch_size, args.seconds, seed=0)  # the same B utterances on both sides
         if name == "ours":
@@ -316,16 +353,8 @@ def _side_process(name: str, args, model_dir: str, baton: Baton, shared: dict, r
         baton.release(name, finished=True)  # never leave the other side waiting
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    model_dir = args.model or default_model_dir()
-    # What both sides must agree on, read once here (the policy is loaded on the CPU and dropped).
-    module = build_module(args, model_dir)
-    policy = module.policy.load()
-    shared = {"instruction": module.instruction, "lora_targets": policy._lora_targets(policy.hf_model),
-              "audio_token_ids": list(policy.audio_token_ids)}
-    del module, policy
-
+def run_sides(args, model_dir: str, shared: dict) -> dict[str, dict]:
+    """Both trainers, each in its own process, alternating; their records (or the first error)."""
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch state, each loop in a main thread
     baton, results = Baton(ctx), ctx.Queue()
     procs = {name: ctx.Process(target=_side_process, args=(name, args, model_dir, baton, shared, results))
@@ -352,29 +381,64 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise
     for proc in procs.values():
         proc.join()
+    return records
+
+
+# The issue's targets at the realistic shape (printed as met or not; nothing fails on them).
+TARGETS = {"trl_over_ours": (">=", 8.0), "footprint_ours_over_trl": ("<=", 0.35), "ours_over_roofline": ("<=", 1.7)}
+
+
+def target_rows(summary: dict[str, float]) -> list[list]:
+    rows = []
+    for key, (op, goal) in TARGETS.items():
+        value = summary[key]
+        met = value >= goal if op == ">=" else value <= goal
+        rows.append([key, value, f"{op} {goal:g}", "met" if met else "not met"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    model_dir = args.model or default_model_dir(args.shape)
+    # What both sides must agree on, read once here (the policy is loaded on the CPU and dropped).
+    module = build_module(args, model_dir)
+    policy = module.policy.load()
+    shared = {"instruction": module.instruction,
+              "lora_targets": policy.model.peft_config["default"].target_modules,  # the regex ours trains
+              "audio_token_ids": list(policy.audio_token_ids)}
+    micro_rows = module.hparams.micro_batch_size
+    del module, policy
+    records = run_sides(args, model_dir, shared)
 
     ours, theirs = records["ours"], records["trl"]
     w = args.warmup
     o, t = ours["times"][w:], theirs["times"][w:]
     floors = ours["floors"][w:]
-    f = [x["floor"] for x in floors]
+    f = quantiles([x["floor"] for x in floors])["median"] if floors else float("nan")
     ratio = quantiles([a / b for a, b in zip(o, t)])
-    print(f"device={ours['device']} model={model_dir} B={args.batch_size} G={args.group_size} "
-          f"max_new_tokens={args.max_new_tokens} beta={args.beta} loss={args.loss_type} reps={args.reps} "
-          f"(after {w} warm-up, alternating, one process each)")
+    print(f"device={ours['device']} shape={args.shape} model={model_dir} B={args.batch_size} G={args.group_size} "
+          f"max_new_tokens={args.max_new_tokens} seconds={args.seconds} beta={args.beta} loss={args.loss_type} "
+          f"reps={args.reps} (after {w} warm-up, alternating, one process each)")
 
     def row(name: str, side: dict, times):
         q = quantiles(times)
         tokens = quantiles(side["tokens"][w:])["median"]
         return [name, 1e3 * q["median"], 1e3 * q["min"], 1e3 * q["max"], tokens / q["median"],
                 quantiles(side["peaks"][w:])["median"], side["footprint"], quantiles(side["calls"][w:])["median"],
-                quantiles(side["rows"][w:])["median"], q["median"] / quantiles(f)["median"]]
+                quantiles(side["rows"][w:])["median"], q["median"] / f]
 
     print_table("per step (medians over reps)",
                 ["trainer", "ms", "min ms", "max ms", "tokens/s", "peak MiB", "footprint MiB", "audio calls",
                  "audio rows", "step/floor"], [row("ours", ours, o), row("trl", theirs, t)])
-    print_table("floor (each piece alone, same run)", ["piece", "ms"],
-                [[k, 1e3 * quantiles([x[k] for x in floors])["median"]] for k in floors[0]])
+    if floors:
+        print_table("HF floor (each piece alone, same run)", ["piece", "ms"],
+                    [[k, 1e3 * quantiles([x[k] for x in floors])["median"]] for k in floors[0]])
+    width = quantiles(ours["widths"][w:])["median"]
+    geometry, shape = step_shape(args, ours["prompt_tokens"], width, model_dir)
+    roof = roofline_table(geometry, shape, ours["machines"][w:], ours["phases"][w:])
+    # What a log-prob pass that materialises its (rows, T, V) fp32 logits holds with their gradient: most of
+    # our footprint before completion_logps projected through lm_head in row chunks (commit ba62a6f).
+    logits_mib = 2 * logits_bytes(micro_rows, int(width), geometry.vocab_size, 4) / 2**20
     summary = {
         "ours_over_trl": ratio["median"],
         "ours_over_trl_min": ratio["min"],
@@ -382,13 +446,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "ours_over_trl_q1": ratio["q1"],
         "ours_over_trl_q3": ratio["q3"],
         "trl_over_ours": 1 / ratio["median"],
-        "ours_over_floor": quantiles([a / b for a, b in zip(o, f)])["median"],
-        "trl_over_floor": quantiles([a / b for a, b in zip(t, f)])["median"],
+        "ours_over_roofline": roof["step_over_roofline"],
+        "trl_over_roofline": quantiles(t)["median"] / roof["floor_s"],
         "peak_mem_ours_over_trl": (quantiles(ours["peaks"][w:])["median"]
                                    / max(quantiles(theirs["peaks"][w:])["median"], 1e-9)),
         "footprint_ours_over_trl": ours["footprint"] / max(theirs["footprint"], 1e-9),
+        "materialised_logits_and_grad_mib": logits_mib,
+        "materialised_logits_over_our_footprint": logits_mib / max(ours["footprint"], 1e-9),
     }
+    if floors:
+        summary["ours_over_floor"] = quantiles([a / x["floor"] for a, x in zip(o, floors)])["median"]
+        summary["trl_over_floor"] = quantiles([a / x["floor"] for a, x in zip(t, floors)])["median"]
     print_table("ratios (same run)", ["metric", "value"], [[k, v] for k, v in summary.items()])
+    if args.shape == "realistic":
+        print_table("issue targets at this shape", ["metric", "value", "target", ""], target_rows(summary))
     return summary
 
 
