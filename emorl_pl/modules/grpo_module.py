@@ -152,6 +152,7 @@ class GRPOModule(L.LightningModule):
         self._window: list[_Generation] = []  # GRPO generations of the current window
         self._folded_adapters: dict[str, torch.Tensor] | None = None  # LoRA cold start, for resume
         self._rl_started = False
+        self._total_steps: int | None = None  # the run's optimizer steps, set by configure_optimizers
         self._reference_dir: str | None = None
 
     # ------------------------------------------------------------------ setup
@@ -185,7 +186,8 @@ class GRPOModule(L.LightningModule):
         if not params:
             raise ValueError("the policy has no trainable parameters (check lora / freeze settings)")
         opt = self.optimizer_factory(params)
-        total = self.total_steps() or 0
+        self._total_steps = self.total_steps()
+        total = self._total_steps or 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -205,8 +207,7 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ helpers
     def _progress(self) -> float:
-        if not hasattr(self, "_total_steps"):  # fixed for the run; computed once
-            self._total_steps = self.total_steps()
+        """RL progress in optimizer steps (0 while the run's length is unknown, e.g. outside fit)."""
         return rl_progress(self.global_step, self._total_steps, self.hparams.sft_steps)
 
     def _prompts(self, batch: Mapping[str, Any]):
@@ -358,13 +359,13 @@ class GRPOModule(L.LightningModule):
         loss_total = torch.zeros((), device=self.device)
         stats_acc: dict[str, float] = {}
         grad_norm = float("nan")
-        passes = [(gen, rows) for gen, plan in zip(window, plans) for rows in plan]
+        # Each batch's normaliser is fixed for the window: computed once, not per pass and iteration.
+        norms = [grpo.loss_normalizer(hp.loss_type, step_tokens=float(gen.mask.sum()),
+                                      window_sequences=float(totals[1]), window_tokens=float(totals[0]),
+                                      world_size=world, num_steps=len(window)) for gen in window]
+        passes = [(gen, norm, rows) for gen, norm, plan in zip(window, norms, plans) for rows in plan]
         for _ in range(iterations):
-            for i, (gen, rows) in enumerate(passes):
-                norm = grpo.loss_normalizer(
-                    hp.loss_type, step_tokens=float(gen.mask.sum()), window_sequences=float(totals[1]),
-                    window_tokens=float(totals[0]), world_size=world, num_steps=len(window),
-                )
+            for i, (gen, norm, rows) in enumerate(passes):
                 pad = rows is None  # a zero-weight pass that only keeps this rank in step
                 rows = torch.zeros(1, dtype=torch.long, device=self.device) if pad else rows
                 logps = self.policy.completion_logps(gen.rollout, rows, temperature=hp.temperature)
@@ -486,7 +487,7 @@ class GRPOModule(L.LightningModule):
         golds = list(batch["labels"])
         parsed = [parse_response(t, self.mode, self.labels) for t in texts]
         real = [i for i, pad in enumerate(batch.get("is_pad") or [False] * len(parsed)) if not pad]
-        scored = self.reward_set(texts, golds, **reward_columns(batch, 1), progress=self._eval_progress())
+        scored = self.reward_set(texts, golds, **reward_columns(batch, 1), progress=self._progress())
         self._update_eval(key, [parsed[i].label for i in real], [golds[i] for i in real])
         if real:
             self.eval_format[key].update(torch.tensor([float(parsed[i].format_ok) for i in real], device=self.device))
@@ -509,11 +510,6 @@ class GRPOModule(L.LightningModule):
     def _update_eval(self, key: str, preds: list[str | None], golds: list[str]) -> None:
         if preds:
             self.eval_metrics[key].update(preds, golds)
-
-    def _eval_progress(self) -> float:
-        """RL progress for rewards scored in evaluation: as training's when fitting, else 0 (alpha's start)."""
-        total = getattr(self, "_total_steps", None)
-        return rl_progress(self.global_step, total, self.hparams.sft_steps)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx, dataloader_idx)
