@@ -357,17 +357,13 @@ class AudioLMPolicy(nn.Module):
         tokens = SpecialTokens(self.eos_token_ids, self.pad_token_id, self.audio_token_ids)
         settings = SamplingSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                     top_k=top_k, top_p=top_p, synced_gpus=synced_gpus)
-        was_training = self._hf.training
-        self._hf.eval()  # no dropout / checkpointing during sampling
-        try:
+        with _eval_mode(self._hf):  # no dropout / checkpointing during sampling
             self.family.reset_state(self._hf)
             if self.decoding == "loop" and sampling.loop_supported(self.family.decoder(self._hf), pe):
                 ids = sampling.decode(self._hf, self.family, pe, group_size, tokens, settings,
                                       fused_decode=self.fused_decode, sharded=self.is_sharded)
             else:
                 ids = sampling.generate(self._hf, self.family, pe, group_size, tokens, settings)
-        finally:
-            self._hf.train(was_training)
         mask = completion_mask(ids, self.eos_token_ids, mask_truncated=mask_truncated)
         ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
