@@ -404,18 +404,21 @@ def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> 
     return utterances * (g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
 
 
-# emorl_pl.grpo.LOGITS_CHUNK_TOKENS (this module imports no torch; a test checks they agree)
+# emorl_pl.grpo.LOGITS_CHUNK_TOKENS and fused_decode._PACK_MIN_CALLS (this module imports no torch; a test
+# checks they agree)
 LOGITS_CHUNK_TOKENS = 256
+PACK_MIN_DECODE_STEPS = 16
 
 
 def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
     """``completion_logps``'s output projection.
 
     A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: c = max(1, 256 // T)
-    rows' (c, T, V) logits at a time, recomputed in backward: forward z in b_l + its fp32 copy (none when b_l
-    is 4) + the logsumexp temporary; backward z, its fp32 copy, the fp32 softmax-gradient (in place) and its
-    b_l cast (none when b_l is 4), and, when lm_head is
-    trained (full fine-tuning), an fp32 (V, D) weight-gradient accumulator.
+    rows' (c, T, V) logits at a time, exponentiated in place: z in b_l + its fp32 copy (none when b_l is 4).
+    With a gradient and a frozen lm_head (LoRA) the forward also casts the chunk's softmax to b_l for the
+    (softmax W) GEMM (none when b_l is 4) and keeps d logp / dh, (rows, T, D) fp32, for backward. When
+    lm_head is trained (full fine-tuning) backward recomputes each chunk instead: z, its fp32 copy, the fp32
+    softmax-gradient and its b_l cast (none when b_l is 4), and an fp32 (V, D) weight-gradient accumulator.
     An FSDP2 unit runs its own forward: logits (rows, T, V) in b_l, kept for ``_SelectiveLogSoftmax``'s
     backward, which works one row at a time: forward logsumexp makes 2 (T, V) fp32 temporaries (+ 1 upcast
     copy of bf16 logits); backward makes the (rows, T, V) gradient in b_l and, per row, an fp32 softmax
@@ -425,15 +428,17 @@ def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> 
         chunk = min(rows, max(1, LOGITS_CHUNK_TOKENS // t))
         cells = chunk * t * v
         upcast = 4 if b != 4 else 0  # .float() of fp32 logits is the same tensor
+        cast = b if b != 4 else 0
         if not grad:
-            return (Piece("logits, a chunk of rows at a time (chunked lm_head)", cells * (b + upcast + 4),
-                          f"{chunk} x {t} x {v}: z, fp32 z, logsumexp temporary"),)
-        pieces = [Piece("logits recomputed per chunk in backward (chunked lm_head)",
-                        cells * (b + upcast + 4 + (b if b != 4 else 0)),
-                        f"{chunk} x {t} x {v}: z, fp32 z, softmax-gradient (and its cast)")]
-        if not s.lora:
-            pieces.append(Piece("lm_head weight-gradient accumulator", v * g.hidden_size * 4, "V x D fp32"))
-        return tuple(pieces)
+            return (Piece("logits, a chunk of rows at a time (chunked lm_head)", cells * (b + upcast),
+                          f"{chunk} x {t} x {v}: z (and its fp32 copy)"),)
+        if s.lora:
+            return (Piece("logits per chunk, with the softmax for d logp / dh (chunked lm_head)",
+                          cells * (b + upcast + cast), f"{chunk} x {t} x {v}: z, fp32 z (and the softmax's cast)"),
+                    Piece("d logp / dh kept for backward", rows * t * g.hidden_size * 4, "rows x T x D fp32"))
+        return (Piece("logits recomputed per chunk in backward (chunked lm_head)", cells * (b + upcast + 4 + cast),
+                      f"{chunk} x {t} x {v}: z, fp32 z, softmax-gradient (and its cast)"),
+                Piece("lm_head weight-gradient accumulator", v * g.hidden_size * 4, "V x D fp32"))
     logits = rows * t * v * b
     upcast = t * v * 4 if b != 4 else 0
     if not grad:
@@ -604,7 +609,9 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     rollout = [Piece("KV cache of the rollout", _kv_bytes(g, s.rows, p_len + t, b),
                      f"{s.rows} rows x ({p_len} + {t}) x L x 2 x kv x {b} B"),
                Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it"),
-               Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4 + 8), "logits, probabilities, fp64 CDF")]
+               Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4), "logits, their warped copy")]
+    if fused and s.device == "cpu" and b_p == 4 and b == 4 and t + 1 >= PACK_MIN_DECODE_STEPS:
+        rollout.append(Piece("prepacked lm_head (CPU)", g.vocab_size * g.hidden_size * 4, "fused_decode: MKL GEMM"))
     if s.fused_decode == "merged" and fused:
         lm_projections = g.num_layers * (lm_layer_params(g) - 2 * g.hidden_size)
         rollout.append(Piece("merged projection weights", lm_projections * b_p, "fused_decode: merged"))

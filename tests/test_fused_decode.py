@@ -37,7 +37,7 @@ def _prompt_embeds(policy):
     return policy.encode_prompts(prompts)
 
 
-def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
+def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0, pack_lm_head=None):
     """Feed the same random tokens through the module forward and FusedDecodeStep; per-step logits of each."""
     hf = policy.hf_model
     decoder, embed = hf.get_decoder(), hf.get_input_embeddings()
@@ -50,7 +50,7 @@ def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0):
     with torch.no_grad():
         shared = shared_prefill(hf, policy.family, pe, 1)  # B rows: the fused step repeats each G times itself
         fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,
-                                merge=merge, repeat=group_size)
+                                merge=merge, repeat=group_size, pack_lm_head=pack_lm_head)
         cache = shared_prefill(hf, policy.family, pe, group_size)  # B*G rows, for the module forward
         x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
         expected, got = [], []
@@ -94,6 +94,35 @@ def test_fused_step_in_bf16_and_under_autocast(policy, tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = _decode_both(policy, pe=pe)
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_fused_step_with_the_prepacked_lm_head(policy, merge):
+    """MKL's prepacked lm_head GEMM (fp32 CPU) gives the module forward's logits, the 156,032-row head."""
+    expected, got = _decode_both(policy, merge, pack_lm_head=True)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_step_packs_the_lm_head_only_where_it_pays(policy):
+    hf = policy.hf_model
+    decoder = hf.get_decoder()
+    kv, d = decoder.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim
+    past = [(torch.zeros(1, kv, 1, d),) * 2 for _ in decoder.layers]
+    assert FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 1 + 16)).packed_lm_head is not None
+    assert FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 1 + 15)).packed_lm_head is None  # short
+    lm = _tiny_lm().to(torch.bfloat16)
+    short_past = [(torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16),) * 2 for _ in lm.model.layers]
+    assert FusedDecodeStep(lm.model, lm.lm_head, short_past, torch.ones(1, 40)).packed_lm_head is None  # bf16
+    with pytest.raises(ValueError, match="pack_lm_head needs a plain float32"):
+        FusedDecodeStep(lm.model, lm.lm_head, short_past, torch.ones(1, 40), pack_lm_head=True)
+    # with a bias, against F.linear
+    lm = _tiny_lm()
+    lm.lm_head = torch.nn.Linear(32, 64, bias=True)
+    x, past = torch.randn(3, 1, 32), [(torch.randn(3, 2, 2, 8),) * 2 for _ in lm.model.layers]
+    with torch.no_grad():
+        plain = FusedDecodeStep(lm.model, lm.lm_head, past, torch.ones(3, 4), pack_lm_head=False)(x, torch.full((3, 1), 2))
+        packed = FusedDecodeStep(lm.model, lm.lm_head, past, torch.ones(3, 4), pack_lm_head=True)(x, torch.full((3, 1), 2))
+    torch.testing.assert_close(packed, plain, atol=1e-6, rtol=1e-6)
 
 
 def test_adapter_mode_copies_no_weight_and_merged_mode_does(policy):

@@ -406,6 +406,21 @@ def test_loss_argument_errors():
         grpo_loss(logps, old, ref, adv[:3], mask)
 
 
+def test_exp_shifted_in_place_gives_logsumexp_and_softmax():
+    from emorl_pl.grpo import exp_shifted_
+
+    g = torch.Generator().manual_seed(3)
+    z = 30 * torch.randn(3, 5, 1001, generator=g, dtype=torch.float64)  # 15 rows: blocks of 2 and a last one
+    z[0, 1, ::3] = -float("inf")  # removed tokens (top-k, suppressed) weigh 0
+    want_lse, want_p = torch.logsumexp(z, -1, keepdim=True), torch.softmax(z, -1)
+    work = z.clone()
+    peak, total = exp_shifted_(work)
+    assert peak.shape == total.shape == (3, 5, 1)
+    torch.testing.assert_close(peak + total.log(), want_lse)
+    torch.testing.assert_close(work / total, want_p)
+    assert (work[0, 1, ::3] == 0).all()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_token_logprobs_equal_the_full_logits_path(temperature, bias):
@@ -426,3 +441,38 @@ def test_linear_token_logprobs_equal_the_full_logits_path(temperature, bias):
     want = torch.autograd.grad((ref * grad).sum(), inputs)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_token_logprobs_frozen_head_gradient_formed_in_forward(temperature, bias):
+    """A frozen lm_head (LoRA): d logp / dh = (W_y - softmax(z / tau) W) / tau is formed in the forward pass;
+    value and gradient equal autograd through the full logits, and it survives a very unlikely token."""
+    from emorl_pl.grpo import linear_token_logprobs
+
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    weight[7] = -40.0 * hidden.detach()[0, 0] / hidden.detach()[0, 0].norm()  # z_7 ~ -40 |h|: p_7 underflows
+    b = torch.randn(30, generator=g, dtype=torch.float64) if bias else None
+    tokens = torch.randint(0, 30, (5, 4), generator=g)
+    tokens[0, 0] = 7
+    grad = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    ours = linear_token_logprobs(hidden, weight, b, tokens, temperature, chunk_size=2)
+    ref = torch.log_softmax(torch.nn.functional.linear(hidden, weight, b) / temperature, -1).gather(
+        -1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert ref[0, 0] < -100 and torch.isfinite(ours).all()
+    # backward keeps one (N, T, D) tensor, not h, W and the tokens to recompute the logits from
+    assert [t.shape for t in ours.grad_fn.saved_tensors] == [hidden.shape]
+    torch.testing.assert_close(ours, ref, atol=1e-9, rtol=1e-9)
+    (got,) = torch.autograd.grad((ours * grad).sum(), [hidden])
+    (want,) = torch.autograd.grad((ref * grad).sum(), [hidden])
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    # The same under no_grad (the reference pass) and in float32 (the gradient keeps hidden's dtype).
+    with torch.no_grad():
+        torch.testing.assert_close(linear_token_logprobs(hidden, weight, b, tokens, temperature, 3), ref.detach())
+    h32 = hidden.detach().float().requires_grad_()
+    out32 = linear_token_logprobs(h32, weight.float(), None if b is None else b.float(), tokens, temperature, 2)
+    (g32,) = torch.autograd.grad((out32 * grad.float()).sum(), [h32])
+    assert g32.dtype == torch.float32
+    torch.testing.assert_close(g32.double(), want, atol=1e-4, rtol=1e-4)

@@ -433,5 +433,7 @@ if __name__ == "__main__":
 
 def test_logits_chunk_matches_the_code():
     from emorl_pl import grpo, memory_plan
+    from emorl_pl.modules import fused_decode
 
     assert memory_plan.LOGITS_CHUNK_TOKENS == grpo.LOGITS_CHUNK_TOKENS
+    assert memory_plan.PACK_MIN_DECODE_STEPS == fused_decode._PACK_MIN_CALLS

@@ -396,7 +396,8 @@ def test_decode_loop_samples_from_hf_warped_distribution(real_model_dir, monkeyp
     monkeypatch.setattr(sampling_module, "sample_categorical", recording_sampler)
     policy.rollout(pe, 2, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     assert len(seen) == 1
-    torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=1e-5)
+    # the sampler gets weights in proportion to the distribution (it normalises by their sum itself)
+    torch.testing.assert_close(seen[0] / seen[0].sum(-1, keepdim=True), expected, atol=1e-6, rtol=1e-5)
     kept = int((expected[0] > 0).sum())
     assert kept < expected.shape[1] - len(policy.audio_token_ids) if (top_k or top_p < 1) else kept > 1
     assert (seen[0][:, policy.audio_token_ids] == 0).all()
@@ -426,6 +427,34 @@ def test_sample_categorical_draws_each_index_at_its_probability():
         assert (freq[expected == 0] == 0).all()  # a zero-probability index is never drawn
         sigma = (expected * (1 - expected) / n).sqrt()
         assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all(), (row, freq, expected)
+
+
+def test_sample_categorical_two_level_search_over_blocks():
+    """Blocks of 4 over 11 categories (a partial last block), empty blocks, a row whose mass is all in the
+    partial block, one tiny weight between zeros: frequencies match p / sum p, zero weights never drawn."""
+    probs = torch.tensor([
+        [0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.3, 0.0, 0.0, 0.2, 0.4],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 1.0],
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 0.0, 1e-3, 0.0, 0.0],
+    ])
+    n = 60_000
+    torch.manual_seed(1)
+    draws = sample_categorical(probs.repeat(n, 1), block=4).view(n, 4)
+    for row in range(4):
+        freq = torch.bincount(draws[:, row], minlength=11).double() / n
+        expected = probs[row].double() / probs[row].double().sum()
+        assert (freq[expected == 0] == 0).all(), (row, freq)
+        sigma = (expected * (1 - expected) / n).sqrt()
+        assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all(), (row, freq, expected)
+    # one block or the whole row as a block: the same law
+    for block in (11, 64):
+        torch.manual_seed(2)
+        one = sample_categorical(probs.repeat(n, 1), block=block).view(n, 4)[:, 0]
+        freq = torch.bincount(one, minlength=11).double() / n
+        expected = probs[0].double() / probs[0].sum()
+        assert (freq[expected == 0] == 0).all()
+        assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt() + 1e-12).all()
 
 
 @pytest.mark.parametrize("fused", ["adapters", "off"])

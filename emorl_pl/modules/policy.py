@@ -435,7 +435,7 @@ class AudioLMPolicy(nn.Module):
                 share_prompt_kv=self.share_prompt_kv, sharded=self.is_sharded,
             )
             head = hf_model.lm_head
-            if type(head) is nn.Linear:  # never the (n, T, V) logits: lm_head runs in row chunks, both ways
+            if type(head) is nn.Linear:  # never the (n, T, V) logits: lm_head runs in row chunks
                 rows = max(chunk_size, LOGITS_CHUNK_TOKENS // max(1, completion.shape[1]))
                 return linear_token_logprobs(hidden, head.weight, head.bias, completion, temperature, rows)
             # An FSDP2 unit (its forward gathers the weight and its backward reduces the gradient) or an
