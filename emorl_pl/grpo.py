@@ -111,7 +111,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
 
 
 # ----------------------------------------------------------------------------------- token log-probs
-_EXP_BLOCK_ROWS = 2  # rows per block of exp_shifted_: 2 x 156k fp32 = 1.2 MB, well inside a core's L2
+_EXP_BLOCK_BYTES = 3 << 19  # rows per block of exp_shifted_: up to 1.5 MB (2 rows of 156k fp32), inside a core's L2
 
 
 def exp_shifted_(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,7 +124,8 @@ def exp_shifted_(z: Tensor) -> tuple[Tensor, Tensor]:
     flat = z.view(-1, z.shape[-1])
     peak = torch.empty(flat.shape[0], 1, dtype=z.dtype, device=z.device)
     total = torch.empty_like(peak)
-    step = _EXP_BLOCK_ROWS if z.device.type == "cpu" else flat.shape[0]  # on GPU one pass is best
+    # on GPU one pass is best; on CPU small tensors too (each block costs three op launches)
+    step = max(1, _EXP_BLOCK_BYTES // (flat.shape[1] * flat.element_size())) if z.device.type == "cpu" else flat.shape[0]
     for start in range(0, flat.shape[0], step):
         block = flat[start : start + step]
         torch.amax(block, -1, keepdim=True, out=peak[start : start + step])

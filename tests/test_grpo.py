@@ -406,11 +406,15 @@ def test_loss_argument_errors():
         grpo_loss(logps, old, ref, adv[:3], mask)
 
 
-def test_exp_shifted_in_place_gives_logsumexp_and_softmax():
+@pytest.mark.parametrize("rows_per_block", [None, 2])
+def test_exp_shifted_in_place_gives_logsumexp_and_softmax(rows_per_block, monkeypatch):
+    from emorl_pl import grpo
     from emorl_pl.grpo import exp_shifted_
 
+    if rows_per_block:  # 15 rows: blocks of 2 and a last one (the default takes them in one block here)
+        monkeypatch.setattr(grpo, "_EXP_BLOCK_BYTES", rows_per_block * 1001 * 8)
     g = torch.Generator().manual_seed(3)
-    z = 30 * torch.randn(3, 5, 1001, generator=g, dtype=torch.float64)  # 15 rows: blocks of 2 and a last one
+    z = 30 * torch.randn(3, 5, 1001, generator=g, dtype=torch.float64)
     z[0, 1, ::3] = -float("inf")  # removed tokens (top-k, suppressed) weigh 0
     want_lse, want_p = torch.logsumexp(z, -1, keepdim=True), torch.softmax(z, -1)
     work = z.clone()

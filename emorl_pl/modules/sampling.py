@@ -109,6 +109,9 @@ def sample_categorical(probs: Tensor, block: int = _CDF_BLOCK) -> Tensor:
     all V (27 ms at 24 x 156k on one CPU thread) or ``torch.multinomial`` (per-category work) cost far more.
     """
     n, v = probs.shape
+    if v <= block:  # one block: its running sum is the whole search
+        cdf = probs.double().cumsum(-1)
+        return _first_reaching(cdf, torch.rand(n, 1, dtype=cdf.dtype, device=probs.device) * cdf[:, -1:])
     full = v - v % block
     # block totals summed in the weights' dtype (pairwise: as exact as the weights), accumulated in float64
     sums = [probs[:, :full].view(n, full // block, block).sum(-1)] if full else []
