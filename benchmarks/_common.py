@@ -318,7 +318,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 
 # ------------------------------------------------------------------------------------------ roofline
-def _best_seconds(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+def best_seconds(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
     """The fastest of ``reps`` timed calls after one warm-up: a machine's attainable rate, not its average."""
     fn()
     best = float("inf")
@@ -334,15 +334,15 @@ def _best_seconds(fn: Callable[[], Any], reps: int, device: torch.device) -> flo
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int) -> float:
     """2 n^3 FLOPs of an (n x n) @ (n x n) matmul in ``dtype``, at the best of a few runs."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _best_seconds(lambda: a @ b, 5 if device.type == "cuda" else 3, device)
+    return 2 * n**3 / best_seconds(lambda: a @ b, 5 if device.type == "cuda" else 3, device)
 
 
 def memory_bytes_per_s(device: torch.device, size: int) -> float:
     """The better of a ``size``-byte copy (2 bytes moved per byte: read + write) and a sum (1 byte read)."""
     x = torch.ones(size // 4, device=device)
     y = torch.empty_like(x)
-    copy = 2 * size / _best_seconds(lambda: y.copy_(x), 5, device)
-    return max(copy, size / _best_seconds(lambda: x.sum(), 5, device))
+    copy = 2 * size / best_seconds(lambda: y.copy_(x), 5, device)
+    return max(copy, size / best_seconds(lambda: x.sum(), 5, device))
 
 
 def measure_machine(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from emorl_pl.callbacks.progress import RLProgressBar
 from emorl_pl.modules.grpo_module import GRPOModule
 from emorl_pl.report import format_results_table
 
@@ -28,6 +30,15 @@ class EmoRLCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         _refuse_linked_labels(list(sys.argv[1:] if args is None else args))
         super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        # The RL progress bar by default, added here rather than listed in configs: a config that lists a
+        # bar breaks ``--trainer.enable_progress_bar false`` (Lightning refuses a bar callback then).
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            trainer["callbacks"] = [*callbacks, RLProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # The given config is the source of truth for --ckpt_path runs: the checkpoint's hparams omit the

@@ -8,10 +8,14 @@ import logging
 import subprocess
 import warnings
 
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import TQDMProgressBar
 from test_distributed import EMORL, check_emorl, emorl_env, fit_args
 
-from emorl_pl.callbacks.progress import phase_description
-from emorl_pl.cli import quiet_known_noise
+from emorl_pl.callbacks.progress import RLProgressBar, phase_description
+from emorl_pl.cli import EmoRLCLI, quiet_known_noise
+from emorl_pl.modules.grpo_module import GRPOModule
 
 
 def test_phase_description():
@@ -37,10 +41,7 @@ def test_only_the_known_noise_is_quieted(caplog):
 
 
 def test_fit_shows_the_phase_and_steps_and_no_start_up_noise(tmp_path):
-    args = fit_args(tmp_path, 4, []) + [
-        "--trainer.enable_progress_bar", "true",
-        "--trainer.callbacks+", "emorl_pl.callbacks.progress.RLProgressBar",
-    ]
+    args = fit_args(tmp_path, 4, []) + ["--trainer.enable_progress_bar", "true"]  # the RL bar is the default
     proc = subprocess.run([EMORL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=emorl_env())
     check_emorl(proc)
     out = proc.stdout + proc.stderr
@@ -48,3 +49,33 @@ def test_fit_shows_the_phase_and_steps_and_no_start_up_noise(tmp_path):
     assert "/-2" not in out  # Lightning's bar for a max_steps run read "Epoch 1/-2"
     for noise in ("litlogger", "LeafSpec", "module(s) in eval mode"):
         assert noise not in out, noise
+
+
+def _trainer(args: list[str]) -> L.Trainer:
+    return EmoRLCLI(GRPOModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    args=args, run=False).trainer
+
+
+@pytest.mark.parametrize("config", ["tests/configs/tiny_grpo.yaml", "configs/quickstart.yaml",
+                                    "configs/trainer/fsdp2_8gpu.yaml"])
+def test_progress_bar_is_the_rl_one_unless_disabled_or_chosen(tmp_path, config, toy_model_dir):
+    """The CLI adds the RL bar itself, so ``--trainer.enable_progress_bar false`` works with every config
+    (Lightning refuses a listed bar callback then), and a config's own bar is kept."""
+    from test_distributed import REPO
+
+    # a trainer config on top of the tiny run's model and data, as users combine them
+    args = (["-c", str(REPO / "tests/configs/tiny_grpo.yaml")] if "trainer/" in config else []) + ["-c", str(REPO / config)]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+             "--trainer.strategy", "auto"]
+    if "quickstart" in config:
+        args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    else:
+        args += ["--model.init_args.policy.init_args.model_dir", toy_model_dir]
+    off = _trainer([*args, "--trainer.enable_progress_bar", "false"])
+    assert off.progress_bar_callback is None
+    on = _trainer([*args, "--trainer.enable_progress_bar", "true"])
+    assert type(on.progress_bar_callback) is RLProgressBar
+    assert sum(isinstance(c, TQDMProgressBar) for c in on.callbacks) == 1
+    own = _trainer([*args, "--trainer.enable_progress_bar", "true",
+                    "--trainer.callbacks+", "lightning.pytorch.callbacks.TQDMProgressBar"])
+    assert type(own.progress_bar_callback) is TQDMProgressBar
