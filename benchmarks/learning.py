@@ -65,7 +65,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 CONFIGS_8 = REPO / "configs" / "benchmarks" / "learning_8class"
 
 
-def _cli(subcommand: str, out: Path, seed: int, extra: list[str]) -> dict[str, float]:
+def _run(subcommand: str, out: Path, seed: int, extra: list[str]) -> dict[str, float]:
     args = [
         subcommand, "-c", str(QUICKSTART),
         "--seed_everything", str(seed),
@@ -93,32 +93,38 @@ def _last_ckpt(out: Path) -> str:
     return str(found[-1])
 
 
-def run_seed(seed: int, root: Path, sft_steps: int, grpo_steps: int, control: bool = True) -> dict[str, dict[str, float]]:
+def run_seed(seed: int, root: Path, sft_steps: int, grpo_steps: int, control: bool = True,
+             extra: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The 4-class stages of one seed; ``extra`` CLI arguments go to every run (model, corpus, sizes)."""
     total = sft_steps + grpo_steps
     res: dict[str, dict[str, float]] = {}
     base = root / f"seed{seed}"
-    res["untrained"] = _cli("test", base / "untrained", seed, [])
+
+    def stage(subcommand: str, out: Path, seed: int, args: list[str]) -> dict[str, float]:
+        return _run(subcommand, out, seed, [*(extra or []), *args])
+
+    res["untrained"] = stage("test", base / "untrained", seed, [])
     for mode in ("esr", "ir"):
         sft_dir = base / f"sft_{mode}"
         common = ["--model.init_args.mode", mode, "--model.init_args.sft_steps", str(sft_steps)]
-        _cli("fit", sft_dir, seed, [*common, "--trainer.max_steps", str(sft_steps)])
+        stage("fit", sft_dir, seed, [*common, "--trainer.max_steps", str(sft_steps)])
         sft_ckpt = _last_ckpt(sft_dir)
-        res[f"SFT ({mode})"] = _cli("test", sft_dir / "test", seed, [*common, "--ckpt_path", sft_ckpt])
+        res[f"SFT ({mode})"] = stage("test", sft_dir / "test", seed, [*common, "--ckpt_path", sft_ckpt])
         if mode == "esr" and control:
             # Control: is it the RL, or just more training? Supervised for the same total steps.
             ctl = base / "sft_esr_long"
             ctl_args = ["--model.init_args.sft_steps", str(total), "--trainer.max_steps", str(total)]
-            _cli("fit", ctl, seed, ctl_args)
-            res[f"SFT (esr), {total} steps (control)"] = _cli("test", ctl / "test", seed, [*ctl_args, "--ckpt_path", _last_ckpt(ctl)])
+            stage("fit", ctl, seed, ctl_args)
+            res[f"SFT (esr), {total} steps (control)"] = stage("test", ctl / "test", seed, [*ctl_args, "--ckpt_path", _last_ckpt(ctl)])
         variants = {"eswr": []} if mode == "ir" else {
             "eswr": [],
             "accuracy": ["--model.init_args.rewards", "{accuracy: 1.0, format: 0.5}"],
         }
         for name, reward_args in variants.items():
             run_dir = base / f"grpo_{mode}_{name}"
-            _cli("fit", run_dir, seed, [*common, *reward_args, "--trainer.max_steps", str(total), "--ckpt_path", sft_ckpt])
+            stage("fit", run_dir, seed, [*common, *reward_args, "--trainer.max_steps", str(total), "--ckpt_path", sft_ckpt])
             label = f"GRPO {mode} + {'ESWR' if name == 'eswr' else 'accuracy'}"
-            res[label] = _cli("test", run_dir / "test", seed, [*common, *reward_args, "--ckpt_path", _last_ckpt(run_dir)])
+            res[label] = stage("test", run_dir / "test", seed, [*common, *reward_args, "--ckpt_path", _last_ckpt(run_dir)])
     return res
 
 
@@ -555,9 +561,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        help="report the first step validation UA reaches this")
     eight.add_argument("--val-every", type=int, default=None,
                        help="validation interval in steps (default: the configs')")
-    eight.add_argument("--smoke", action="store_true", help="tiny sizes: checks the path in seconds, measures nothing")
-    eight.add_argument("--model-dir", default=None, help="model folder instead of the configs' runs/tiny-qwen2-audio")
-    eight.add_argument("--data-root", default=None, help="corpus folder instead of the data config's root")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the path in seconds, measures nothing")
+    parser.add_argument("--model-dir", default=None, help="model folder instead of the configs' runs/tiny-qwen2-audio")
+    parser.add_argument("--data-root", default=None, help="corpus folder instead of the data config's root")
     eight.add_argument("--variants", nargs="+", default=None,
                        help="run these only (config stems, e.g. grpo_esr_eswr; their cold starts come along)")
     eight.add_argument("--from-results", default=None, help="print the table and draw the figures of a finished run")
@@ -566,12 +572,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.out = args.out or ("runs/learning_8class_smoke" if args.smoke else "runs/learning_8class")
         return main_8class(args)
     root = Path(args.out or "runs/learning")
-    sft_steps = 300 if args.sft_steps is None else args.sft_steps
-    grpo_steps = 300 if args.grpo_steps is None else args.grpo_steps
+    sft_steps = args.sft_steps if args.sft_steps is not None else (2 if args.smoke else 300)
+    grpo_steps = args.grpo_steps if args.grpo_steps is not None else (2 if args.smoke else 300)
+    extra = list(SMOKE) if args.smoke else []
+    if args.model_dir:
+        extra += ["--model.init_args.policy.init_args.model_dir", args.model_dir]
+    data_root = args.data_root or (str(root / "data") if args.smoke else None)
+    if data_root:
+        extra += ["--data.init_args.root", data_root]
     per_seed = []
     for seed in args.seeds:
         start = time.time()
-        per_seed.append(run_seed(seed, root, sft_steps, grpo_steps, control=not args.no_control))
+        per_seed.append(run_seed(seed, root, sft_steps, grpo_steps, control=not args.no_control, extra=extra))
         (root / "results.json").write_text(json.dumps(per_seed, indent=1))
         print(f"seed {seed} done in {time.time() - start:.0f} s", flush=True)
     print(table(per_seed))

@@ -66,6 +66,26 @@ def test_rollout_quick(bench_path, capsys):
     assert all(math.isfinite(v) and v > 0 for v in summary.values())
 
 
+def test_learning_4class_smoke(bench_path, toy_model_dir, tmp_path, capsys):
+    """The quickstart benchmark path end to end (cold starts, GRPO with ESWR and accuracy, tests), on the
+    shipped quickstart config with the progress bar switched off, as the script runs it."""
+    per_seed = importlib.import_module("learning").main([
+        "--smoke", "--seeds", "0", "--no-control", "--model-dir", toy_model_dir, "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    (res,) = per_seed
+    assert list(res) == ["untrained", "SFT (esr)", "GRPO esr + ESWR", "GRPO esr + accuracy", "SFT (ir)",
+                         "GRPO ir + ESWR"]
+    assert all(0 <= r["ua"] <= 1 for r in res.values())
+    assert "| GRPO esr + ESWR |" in out and "UA points per seed" in out
+
+
+def test_lm_head_ops_quick(bench_path, capsys):
+    ratios = importlib.import_module("lm_head_ops").main(["--quick"])
+    out = capsys.readouterr().out
+    assert len(ratios) == 5 and all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert "ours / before" in out and "sample a token" in out
+
+
 def test_learning_8class_smoke(bench_path, toy_model_dir, tmp_path, capsys):
     """The 8-class benchmark path end to end: ESR cold start, GRPO with ESWR and with accuracy, test on the
     held-out speakers, curves, table, comparison and format lines, the three figures."""
