@@ -513,6 +513,18 @@ def report_8class(per_seed: list[dict[str, dict[str, Any]]], seeds: Sequence[int
             print(f"figure: {path}")
 
 
+def run_arguments(args: argparse.Namespace, root: Path) -> list[str]:
+    """CLI arguments every run of either benchmark gets: the smoke sizes, the model and the corpus folder."""
+    extra = list(SMOKE) if args.smoke else []
+    if args.model_dir:
+        extra += ["--model.init_args.policy.init_args.model_dir", args.model_dir]
+    # a smoke corpus of its own: the real one's folder would then hold a corpus of the wrong size
+    data_root = args.data_root or (str(root / "data") if args.smoke else None)
+    if data_root:
+        extra += ["--data.init_args.root", data_root]
+    return extra
+
+
 def main_8class(args: argparse.Namespace) -> list[dict]:
     # run_cli gets its arguments from here, not sys.argv, for each of the 24 runs: the warning says nothing
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -523,16 +535,10 @@ def main_8class(args: argparse.Namespace) -> list[dict]:
         saved = json.loads(Path(args.from_results).read_text())
         report_8class(saved["per_seed"], saved["seeds"], args.ua_threshold, figures)
         return saved["per_seed"]
-    extra = list(SMOKE) if args.smoke else []
+    extra = run_arguments(args, root)
     sft_steps, grpo_steps, val_every = args.sft_steps, args.grpo_steps, args.val_every
     if args.smoke:  # 2 + 2 steps, a validation at each end, unless given
         sft_steps, grpo_steps, val_every = sft_steps or 2, grpo_steps or 2, val_every or 2
-    if args.model_dir:
-        extra += ["--model.init_args.policy.init_args.model_dir", args.model_dir]
-    # a smoke corpus of its own: the real one's folder would then hold a corpus of the wrong size
-    data_root = args.data_root or (str(root / "data") if args.smoke else None)
-    if data_root:
-        extra += ["--data.init_args.root", data_root]
     per_seed = []
     for seed in args.seeds:
         start = time.time()
@@ -574,12 +580,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = Path(args.out or "runs/learning")
     sft_steps = args.sft_steps if args.sft_steps is not None else (2 if args.smoke else 300)
     grpo_steps = args.grpo_steps if args.grpo_steps is not None else (2 if args.smoke else 300)
-    extra = list(SMOKE) if args.smoke else []
-    if args.model_dir:
-        extra += ["--model.init_args.policy.init_args.model_dir", args.model_dir]
-    data_root = args.data_root or (str(root / "data") if args.smoke else None)
-    if data_root:
-        extra += ["--data.init_args.root", data_root]
+    extra = run_arguments(args, root)
     per_seed = []
     for seed in args.seeds:
         start = time.time()

@@ -96,6 +96,12 @@ def test_fused_step_in_bf16_and_under_autocast(policy, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)
 
 
+def _one_column_past(decoder):
+    """Per layer (keys, values) of one prompt row and one cached column, zeros."""
+    kv, d = decoder.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim
+    return [(torch.zeros(1, kv, 1, d),) * 2 for _ in decoder.layers]
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_fused_step_with_the_prepacked_lm_head(policy, merge):
     """MKL's prepacked lm_head GEMM (fp32 CPU) gives the module forward's logits, the 156,032-row head."""
@@ -106,8 +112,7 @@ def test_fused_step_with_the_prepacked_lm_head(policy, merge):
 def test_fused_step_packs_the_lm_head_only_where_it_pays(policy):
     hf = policy.hf_model
     decoder = hf.get_decoder()
-    kv, d = decoder.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim
-    past = [(torch.zeros(1, kv, 1, d),) * 2 for _ in decoder.layers]
+    past = _one_column_past(decoder)
     assert FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 1 + 16)).packed_lm_head is not None
     assert FusedDecodeStep(decoder, hf.lm_head, past, torch.ones(1, 1 + 15)).packed_lm_head is None  # short
     lm = _tiny_lm().to(torch.bfloat16)
@@ -128,8 +133,7 @@ def test_fused_step_packs_the_lm_head_only_where_it_pays(policy):
 def test_adapter_mode_copies_no_weight_and_merged_mode_does(policy):
     hf = policy.hf_model
     decoder = hf.get_decoder()
-    kv, d = decoder.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim
-    past = [(torch.zeros(1, kv, 1, d),) * 2 for _ in decoder.layers]
+    past = _one_column_past(decoder)
     own = {p.data_ptr() for p in decoder.parameters()} | {hf.lm_head.weight.data_ptr()}
 
     def weights(step):
