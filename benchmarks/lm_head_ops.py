@@ -7,7 +7,7 @@ Each line times our operation and its baseline alternately (best of ``--reps``) 
 
 - sampling one token per row of the (rows, V) decode logits: softmax + a float64 cumsum over V (the previous
   ``sample_categorical``) vs ``grpo.exp_shifted_`` + the two-level ``sampling.sample_categorical``;
-- the decode's (rows x D) @ (D x V) lm_head GEMM: ``F.linear`` vs MKL's prepacked GEMM
+- the decode's (rows x D) @ (D x V) lm_head GEMM: ``F.linear`` vs oneDNN's prepacked linear
   (``FusedDecodeStep(pack_lm_head=True)``'s);
 - log-probs of a (chunk, V) logits block: ``torch.logsumexp`` vs ``grpo.exp_shifted_`` in place;
 - a chunk's logits GEMM into a fresh tensor vs into the reused buffer (``grpo._project_chunk``);
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     work_logits, work_block = torch.empty_like(logits), torch.empty_like(block)
     chunk_h = torch.randn(chunk_rows * t, d)
     buffer = torch.empty(chunk_rows * t, v)
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, n)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, n)
     hidden, tokens = torch.randn(n, t, d), torch.randint(0, v, (n, t))
 
     def pair(ours, baseline):
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"sample a token ({n} x {v})": pair(lambda: our_sample(logits, work_logits),
                                                      lambda: previous_sample(logits)),
         f"decode lm_head GEMM ({n} x {d} x {v})": pair(
-            lambda: torch.ops.mkl._mkl_linear(decode_h, packed, weight, None, n), lambda: F.linear(decode_h, weight)),
+            lambda: torch.ops.mkldnn._linear_pointwise(decode_h, packed, None, "none", [], ""),
+            lambda: F.linear(decode_h, weight)),
         f"logsumexp of a chunk ({chunk_rows * t} x {v})": pair(
             lambda: grpo.exp_shifted_(work_block.copy_(block)), lambda: torch.logsumexp(work_block.copy_(block), -1)),
         f"chunk logits GEMM ({chunk_rows * t} x {d} x {v})": pair(

@@ -604,14 +604,23 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
         Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.batch_size),
               f"{s.batch_size} x {g.max_source_positions} positions"), *extra)))
 
-    # Rollout: shared prefill of B prompts, G-times repeated into a (n, P + T) cache, decode n rows.
-    fused = s.fused_decode != "off" and s.shards == 1
-    rollout = [Piece("KV cache of the rollout", _kv_bytes(g, s.rows, p_len + t, b),
-                     f"{s.rows} rows x ({p_len} + {t}) x L x 2 x kv x {b} B"),
-               Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it"),
-               Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4), "logits, their warped copy")]
+    # Rollout: shared prefill of B prompts, decode n rows. The fused step (one device, or FSDP2 with the
+    # whole model gathered) keeps the prefill's B prompt rows for the G rows of each utterance and adds a
+    # cache of T + 1 columns per row for the new tokens; the decoder's own forward repeats the prompt into
+    # an (n, P + T) cache.
+    fused = s.fused_decode != "off" and (s.shards == 1 or s.rollout_gathered)
+    if fused:
+        rollout = [Piece("prompt cache of the rollout", _kv_bytes(g, s.batch_size, p_len - 1, b),
+                         f"B x ({p_len} - 1) x L x 2 x kv x {b} B, once per utterance"),
+                   Piece("new tokens' cache of the rollout", _kv_bytes(g, s.rows, t + 1, b),
+                         f"{s.rows} rows x ({t} + 1) x L x 2 x kv x {b} B")]
+    else:
+        rollout = [Piece("KV cache of the rollout", _kv_bytes(g, s.rows, p_len + t, b),
+                         f"{s.rows} rows x ({p_len} + {t}) x L x 2 x kv x {b} B"),
+                   Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it")]
+    rollout.append(Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4), "logits, their warped copy"))
     if fused and s.device == "cpu" and b_p == 4 and b == 4 and t + 1 >= PACK_MIN_DECODE_STEPS:
-        rollout.append(Piece("prepacked lm_head (CPU)", g.vocab_size * g.hidden_size * 4, "fused_decode: MKL GEMM"))
+        rollout.append(Piece("prepacked lm_head (CPU)", g.vocab_size * g.hidden_size * 4, "fused_decode: oneDNN linear"))
     if s.fused_decode == "merged" and fused:
         lm_projections = g.num_layers * (lm_layer_params(g) - 2 * g.hidden_size)
         rollout.append(Piece("merged projection weights", lm_projections * b_p, "fused_decode: merged"))
