@@ -144,6 +144,17 @@ def _selected_logprob_grad(z: Tensor, idx: Tensor, grad_out: Tensor, tau: float)
     return g.div_(tau) if tau != 1.0 else g
 
 
+def _selected_logprob_grad_(z: Tensor, idx: Tensor, grad_out: Tensor, tau: float) -> Tensor:
+    """``_selected_logprob_grad`` in place on ``z`` (logits the caller may overwrite: no chunk-sized temporary)."""
+    if tau != 1.0:
+        z = z.div_(tau)
+    _, total = exp_shifted_(z)
+    g_out = grad_out.unsqueeze(-1)
+    z.mul_(g_out.neg() / total)
+    z.scatter_add_(-1, idx, g_out)
+    return z.div_(tau) if tau != 1.0 else z
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(x / tau)[token], chunked over rows in forward and (recomputed) in backward.
 
@@ -305,7 +316,8 @@ class _LinearLogSoftmax(torch.autograd.Function):
             z = _project_chunk(h, w, b, buffer)
             if buffer is None:
                 buffer = _reusable(z, grad_out.dtype)
-            g = _selected_logprob_grad(z.to(grad_out.dtype), flat_y[rows], flat_grad_out[rows], tau).to(dtype)
+            # z is ours (the reused buffer, or a cast copy): the gradient overwrites it
+            g = _selected_logprob_grad_(z.to(grad_out.dtype), flat_y[rows], flat_grad_out[rows], tau).to(dtype)
             if need_h:
                 flat_grad_h[rows] = (g @ w).to(hidden.dtype)
             if need_w:
