@@ -65,6 +65,22 @@ def test_encode_prompts_matches_model_forward(lora_policy):
     assert pe.inputs_embeds.shape == (3, prompts.input_ids.shape[1], 64)
 
 
+def test_audio_tower_gets_a_key_padding_mask(lora_policy):
+    """The tower's layers see padding as a (B, 1, 1, S) additive mask, not an expanded (B, 1, S, S) one."""
+    masks = []
+    tower = lora_policy.hf_model.model.audio_tower
+    handle = tower.layers[0].register_forward_pre_hook(lambda m, args: masks.append(args[1]))
+    try:
+        lora_policy.encode_prompts(lora_policy.build_prompts(_waves(), SR, INSTRUCTION))
+    finally:
+        handle.remove()
+    (mask,) = masks
+    positions = tower.config.max_source_positions
+    assert mask.shape == (3, 1, 1, positions) and mask.dtype == torch.float32
+    lengths = (torch.tensor([8000, 24000, 40000]) // 160 - 1) // 2 + 1  # 10 ms mel frames, then conv2's stride
+    assert ((mask[:, 0, 0] == 0).sum(-1) == lengths).all() and (mask <= 0).all()
+
+
 def test_build_prompts_pads_left_resamples_and_crops(lora_policy):
     tok = lora_policy.processor.tokenizer
     prompts = lora_policy.build_prompts(_waves((8000, 4000)), 8000, INSTRUCTION, texts=["hello", None])

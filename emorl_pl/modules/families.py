@@ -87,7 +87,7 @@ class Qwen2Audio(AudioLMFamily):
         return hf_model.model.multi_modal_projector
 
     def encode_audio(self, hf_model: nn.Module, features: Tensor, feature_mask: Tensor) -> list[Tensor]:
-        # transformers 5.17 inlines this in Qwen2AudioModel.forward; the same steps here.
+        # transformers 5.17 inlines this in Qwen2AudioModel.forward; the same steps here, but for the mask.
         from transformers.masking_utils import create_bidirectional_mask
 
         tower = self.audio_tower(hf_model)
@@ -95,8 +95,16 @@ class Qwen2Audio(AudioLMFamily):
         batch, _, mel_frames = features.shape
         max_len = (mel_frames - 2) // 2 + 1
         valid = torch.arange(max_len, device=feat_lens.device)[None, :] < feat_lens[:, None]
-        dummy = torch.zeros(batch, max_len, 1, dtype=self.embed(hf_model).weight.dtype, device=features.device)
-        mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=valid.long())
+        dtype = self.embed(hf_model).weight.dtype
+        if tower.config._attn_implementation in ("sdpa", "eager"):
+            # The expanded (B, 1, S, S) mask only says which keys are padding. As (B, 1, 1, S), additive, it says
+            # the same and is read S times less (SDPA converted the boolean one in every layer: 1/6 of the
+            # tower's time on CPU); the valid positions' outputs are identical.
+            mask = torch.zeros(batch, 1, 1, max_len, dtype=dtype, device=features.device)
+            mask.masked_fill_(~valid[:, None, None, :].to(features.device), torch.finfo(dtype).min)
+        else:  # e.g. flash attention takes its own (B, S) form
+            dummy = torch.zeros(batch, max_len, 1, dtype=dtype, device=features.device)
+            mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=valid.long())
         hidden = tower(features, attention_mask=mask).last_hidden_state
         return [hidden[b, : int(n)] for b, n in enumerate(out_lens)]
 
