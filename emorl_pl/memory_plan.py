@@ -404,10 +404,11 @@ def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> 
     return utterances * (g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
 
 
-# emorl_pl.grpo.LOGITS_CHUNK_TOKENS and fused_decode._PACK_MIN_CALLS (this module imports no torch; a test
+# emorl_pl.grpo.LOGITS_CHUNK_TOKENS and fused_decode._PACK_MIN_CALLS / _PACK_MIN_ELEMENTS (this module imports no torch; a test
 # checks they agree)
 LOGITS_CHUNK_TOKENS = 256
 PACK_MIN_DECODE_STEPS = 16
+PACK_MIN_LM_HEAD_ELEMENTS = 1 << 22
 
 
 def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
@@ -605,21 +606,22 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
               f"{s.batch_size} x {g.max_source_positions} positions"), *extra)))
 
     # Rollout: shared prefill of B prompts, decode n rows. The fused step (one device, or FSDP2 with the
-    # whole model gathered) keeps the prefill's B prompt rows for the G rows of each utterance and adds a
-    # cache of T + 1 columns per row for the new tokens; the decoder's own forward repeats the prompt into
-    # an (n, P + T) cache.
+    # whole model gathered) copies each utterance's prompt once into its cache, next to T + 1 columns per
+    # row for the new tokens; the decoder's own forward repeats the prompt into an (n, P + T) cache.
     fused = s.fused_decode != "off" and (s.shards == 1 or s.rollout_gathered)
     if fused:
-        rollout = [Piece("prompt cache of the rollout", _kv_bytes(g, s.batch_size, p_len - 1, b),
-                         f"B x ({p_len} - 1) x L x 2 x kv x {b} B, once per utterance"),
-                   Piece("new tokens' cache of the rollout", _kv_bytes(g, s.rows, t + 1, b),
-                         f"{s.rows} rows x ({t} + 1) x L x 2 x kv x {b} B")]
+        kv_cache = Piece("KV cache of the rollout",
+                         _kv_bytes(g, s.batch_size, p_len - 1, b) + _kv_bytes(g, s.rows, t + 1, b),
+                         f"(B x ({p_len} - 1) + {s.rows} rows x ({t} + 1)) x L x 2 x kv x {b} B: "
+                         "the prompt once per utterance")
     else:
-        rollout = [Piece("KV cache of the rollout", _kv_bytes(g, s.rows, p_len + t, b),
-                         f"{s.rows} rows x ({p_len} + {t}) x L x 2 x kv x {b} B"),
-                   Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it")]
+        kv_cache = Piece("KV cache of the rollout", _kv_bytes(g, s.rows, p_len + t, b),
+                         f"{s.rows} rows x ({p_len} + {t}) x L x 2 x kv x {b} B")
+    rollout = [kv_cache,
+               Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it")]
     rollout.append(Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4), "logits, their warped copy"))
-    if fused and s.device == "cpu" and b_p == 4 and b == 4 and t + 1 >= PACK_MIN_DECODE_STEPS:
+    if (fused and s.device == "cpu" and b_p == 4 and b == 4 and t + 1 >= PACK_MIN_DECODE_STEPS
+            and g.vocab_size * g.hidden_size >= PACK_MIN_LM_HEAD_ELEMENTS):
         rollout.append(Piece("prepacked lm_head (CPU)", g.vocab_size * g.hidden_size * 4, "fused_decode: oneDNN linear"))
     if s.fused_decode == "merged" and fused:
         lm_projections = g.num_layers * (lm_layer_params(g) - 2 * g.hidden_size)

@@ -12,11 +12,11 @@ math as plain tensor ops on a preallocated cache, for the token x at position po
         h = h + P_down(act(P_gate(b)) * P_up(b))   with b = RMSNorm_2(h)
     logits = float32(P_lm(RMSNorm_f(h)))
 
-The G rows of one utterance share their prompt, so the cache keeps the prompt's keys and values once per
-utterance, K = [K_prompt (B rows) ; K_new (n = B G rows)], and the attention is computed in two parts joined
-in one softmax: the G x groups query rows of an utterance against its prompt keys in one matmul, each row
-against its own new keys. Each step then reads the prompt cache once per utterance, not G times (the
-rollout's largest read after the weights), and the cache holds no G-times copy of it.
+The G rows of one utterance share their prompt, so the cache holds it once per utterance: per layer and
+utterance, K = [prompt (C columns) ; new tokens of its G rows, step-major (column C + t G + g for row g's
+t-th token)], and the G x groups query rows of an utterance attend in one SDPA call, a mask keeping each row
+to the prompt and its own new tokens. A step reads the prompt's keys/values once per utterance, not G times
+(the rollout's largest read after the weights), with as many kernel calls as a per-row cache.
 
 Two ways to apply a projection P(x) = x W^T + bias + sum_a s_a (x A_a^T) B_a^T (a: active LoRA adapters):
 
@@ -130,9 +130,12 @@ def unsupported(decoder: nn.Module, lm_head: nn.Module) -> str | None:
     return _linear_problem("lm_head", lm_head)
 
 
-# Decode steps from which prepacking the lm_head pays on CPU: packing costs about 3 of its GEMMs, and
-# saves ~0.25 of one per step (fp32, 24 rows x 512 x 156k: 63 -> 46 ms).
+# Where prepacking the lm_head pays on CPU: packing costs about 3 of its GEMMs and saves ~0.25 of one per
+# step (fp32, 24 rows x 512 x 156k: 63 -> 46 ms), so from 16 decode steps on; and on heads of 4M+ entries,
+# below which oneDNN's per-call overhead (~0.1 ms) outweighs the gain (the d = 64 toy's 1024 x 64 head: +9 ms
+# a rollout).
 _PACK_MIN_CALLS = 16
+_PACK_MIN_ELEMENTS = 1 << 22
 
 
 def _can_pack(proj: Projection) -> bool:
@@ -143,47 +146,18 @@ def _can_pack(proj: Projection) -> bool:
             and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available())
 
 
-def shared_prefix_attention(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, new_k: Tensor, new_v: Tensor,
-                            blocked: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    """Attention of one new token per row over [its utterance's prompt ; its own new tokens], (B, kv, G, groups, d).
-
-        out[b, h, g] = softmax(s) [V_prompt[b, h] ; V_new[b, h, g]],
-        s = scale * q[b, h, g] [K_prompt[b, h] ; K_new[b, h, g]]^T,  -inf where ``blocked``
-
-    q (B, kv_heads, G, groups, d): the ``groups`` query heads that read KV head h, for the G rows of utterance
-    b; prompt_k/v (B, kv_heads, C, d), shared by the G rows; new_k/v (B, kv_heads, G, S, d); blocked (B, 1, G,
-    1, C + S) bool. The prompt part is one matmul per utterance and KV head with G x groups query rows, so the
-    prompt's keys and values are read once per utterance, not G times. Matmuls in ``dtype`` (the caches'),
-    softmax in float32, as Hugging Face's eager attention (in 16 bits the logits differ from SDPA's by about
-    as much as SDPA's differ from float32)."""
-    b, kv, g, groups, d = q.shape
-    c = prompt_k.shape[2]
-    q = q.to(dtype)
-    scores = torch.cat([(q.reshape(b, kv, g * groups, d) @ prompt_k.transpose(-1, -2)).view(b, kv, g, groups, c),
-                        q @ new_k.transpose(-1, -2)], dim=-1).to(torch.promote_types(dtype, torch.float32))
-    probs = scores.mul_(scale).masked_fill_(blocked, -float("inf")).softmax(-1).to(dtype)
-    out = (probs[..., :c].reshape(b, kv, g * groups, c) @ prompt_v).view(b, kv, g, groups, d)
-    return out + probs[..., c:] @ new_v
-
-
-def _attention_dtype(device_type: str, values_dtype: torch.dtype) -> torch.dtype:
-    """The dtype SDPA computes in: autocast's when it is on (it casts SDPA's inputs), else the values'."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else values_dtype
-
-
 class FusedDecodeStep:
     """The decoder + ``lm_head`` as one callable per token, for one rollout (see the module docstring;
     ``merge`` picks how projections are applied).
 
     ``pack_lm_head``: compute the logits with oneDNN's prepacked linear (a copy of the lm_head weight for the
-    rollout; same math, another summation order). None packs where it pays: a plain fp32 CPU lm_head and
-    at least ``_PACK_MIN_CALLS`` decode steps. Never under autocast (its dtype would differ).
+    rollout; same math, another summation order). None packs where it pays: a plain fp32 CPU lm_head of at
+    least ``_PACK_MIN_ELEMENTS`` entries and at least ``_PACK_MIN_CALLS`` decode steps. Never under autocast
+    (its dtype would differ).
 
     ``past`` holds each layer's (keys, values) of the first C prompt columns, (n / repeat, kv_heads, C,
-    head_dim): with ``repeat`` = G, row b is the shared prompt of rows b*G .. b*G+G-1. The step keeps these
-    tensors as its prompt cache, once per utterance (in the attention's dtype: a copy only under autocast,
-    where the prefill's keys are float32), and adds a cache of W - C columns per row for the new tokens
-    (``shared_prefix_attention``).
+    head_dim): with ``repeat`` = G, row b is the shared prompt of rows b*G .. b*G+G-1, copied once into the
+    utterance's cache (see the module docstring), which has room for W - C new tokens per row.
     ``attention`` is the (n, W) 0/1 mask over the columns [prompt ; completion] (left padding 0), W >= C + the
     number of calls. Call k (k = 0, 1, ...) writes column C + k and attends columns 0 .. C + k.
     """
@@ -197,19 +171,24 @@ class FusedDecodeStep:
         attn = decoder.layers[0].self_attn
         self.head_dim, self.scale, self.groups = attn.head_dim, attn.scaling, attn.num_key_value_groups
         n, width = attention.shape
-        self.prompt_columns = self.column = past[0][0].shape[2]
-        self.repeat = repeat
-        if n % repeat or past[0][0].shape[0] * repeat != n:
-            raise ValueError(f"past has {past[0][0].shape[0]} rows x repeat {repeat}, the mask {n}")
-        # (B, 1, G, 1, W): "may attend", laid out as the scores (B, kv_heads, G, groups, columns)
-        self.blocked = ~attention.bool().view(n // repeat, 1, repeat, 1, width)
+        self.prompt_columns = self.column = c = past[0][0].shape[2]
+        self.repeat = g = repeat
+        if n % g or past[0][0].shape[0] * g != n:
+            raise ValueError(f"past has {past[0][0].shape[0]} rows x repeat {g}, the mask {n}")
+        b, new = n // g, width - c
+        self.width = width
+        # "may attend" (B, 1, G x groups, C + new G): query row (g, j) sees its prompt columns and its own
+        # new tokens at columns C + t G + g
+        allowed = attention.bool().view(b, g, width)
+        own = torch.eye(g, dtype=torch.bool, device=attention.device)[None, :, None, :] & allowed[..., c:, None]
+        rows = torch.cat([allowed[..., :c], own.reshape(b, g, new * g)], -1)
+        self.mask = rows[:, None, :, None, :].expand(b, 1, g, self.groups, c + new * g).reshape(b, 1, -1, c + new * g)
         self.layers = []
-        self.dtype = dtype = _attention_dtype(attention.device.type, past[0][1].dtype)
         for layer, (keys, values) in zip(decoder.layers, past):
             a, m = layer.self_attn, layer.mlp
-            # new tokens' keys/values, (B, kv_heads, G, W - C, d): row b*G + g at [b, :, g]
-            new_k = keys.new_empty(n // repeat, keys.shape[1], repeat, width - self.column, keys.shape[3],
-                                   dtype=dtype)
+            cache_k = keys.new_empty(b, keys.shape[1], c + new * g, keys.shape[3])
+            cache_v = torch.empty_like(cache_k)
+            cache_k[:, :, :c], cache_v[:, :, :c] = keys, values
             if merge:
                 qkv = [effective_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
                 qkv_bias = None
@@ -227,17 +206,15 @@ class FusedDecodeStep:
                 "norm_1": layer.input_layernorm, "norm_2": layer.post_attention_layernorm, "act": m.act_fn,
                 "qkv": attention_in, "split": [p.out_features for p in (a.q_proj, a.k_proj, a.v_proj)],
                 "o": o, "gate_up": mlp_in, "intermediate": m.gate_proj.out_features, "down": down,
-                # in the dtype the attention reads them (SDPA under autocast would cast them each step)
-                "prompt_k": keys.to(dtype), "prompt_v": values.to(dtype),
-                "k": new_k, "v": torch.empty_like(new_k),
+                "k": cache_k, "v": cache_v,
             })
         self.lm_head = (*effective_linear(lm_head), []) if merge else projection(lm_head)
         if pack_lm_head is None:
             pack_lm_head = (_can_pack(self.lm_head) and width - self.column >= _PACK_MIN_CALLS
+                            and self.lm_head[0].numel() >= _PACK_MIN_ELEMENTS
                             and not torch.is_autocast_enabled(self.lm_head[0].device.type))
         elif pack_lm_head and not _can_pack(self.lm_head):
             raise ValueError("pack_lm_head needs a plain float32 lm_head on CPU without adapters (and oneDNN)")
-        self.rows = n
         self.packed_lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head[0], n) if pack_lm_head else None
 
     @staticmethod
@@ -254,28 +231,27 @@ class FusedDecodeStep:
     def __call__(self, x: Tensor, position: Tensor) -> Tensor:
         """Logits (n, vocab) in float32 for the next token, given x (n, 1, hidden) at ``position`` (n, 1)."""
         c = self.column
-        if c >= self.blocked.shape[-1]:
+        t = c - self.prompt_columns  # this call's index among the new tokens
+        if c >= self.width:
             raise RuntimeError(f"FusedDecodeStep: all {c} cache columns are used")
-        t = c - self.prompt_columns  # this call's column among the new tokens
         n, d, groups, g = x.shape[0], self.head_dim, self.groups, self.repeat
-        b = n // g
+        b, end = n // g, self.prompt_columns + (t + 1) * g  # the utterance's columns in use after this write
         cos, sin = self.rotary(x, position)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (n, 1, 1, d): broadcast over heads
-        blocked = self.blocked[..., : c + 1]
-        dtype = self.dtype
+        mask = self.mask[..., :end]
         h = x
         for w in self.layers:
             q, k, v = self._project(w["norm_1"](h), w["qkv"], w["split"])
-            # One query token: the `groups` query heads sharing a KV head become that head's query rows,
-            # (n, kv_heads, groups, d), so grouped-query attention needs no copy of K and V; then rows are
-            # regrouped per utterance, (B, kv_heads, G, groups, d).
+            # One query token per row: the `groups` query heads sharing a KV head, for the G rows of an
+            # utterance, become that head's G x groups query rows, (B, kv_heads, G groups, d); grouped-query
+            # attention then needs no copy of K and V.
             q = self._rope(q.view(n, -1, groups, d), cos, sin).view(b, g, -1, groups, d).transpose(1, 2)
-            k = self._rope(k.view(n, -1, 1, d), cos, sin).view(b, g, -1, 1, d).transpose(1, 2)
-            w["k"][:, :, :, t : t + 1] = k
-            w["v"][:, :, :, t : t + 1] = v.view(b, g, -1, 1, d).transpose(1, 2)
-            out = shared_prefix_attention(q, w["prompt_k"], w["prompt_v"], w["k"][:, :, :, : t + 1],
-                                          w["v"][:, :, :, : t + 1], blocked, self.scale, dtype)
-            h = h + apply(out.transpose(1, 2).reshape(n, 1, -1), w["o"])
+            w["k"][:, :, end - g : end] = self._rope(k.view(n, -1, 1, d), cos, sin).view(b, g, -1, d).transpose(1, 2)
+            w["v"][:, :, end - g : end] = v.view(b, g, -1, d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.reshape(b, -1, g * groups, d), w["k"][:, :, :end],
+                                                 w["v"][:, :, :end], attn_mask=mask, scale=self.scale)
+            out = out.view(b, -1, g, groups, d).transpose(1, 2)  # (B, G, kv_heads, groups, d): row-major again
+            h = h + apply(out.reshape(n, 1, -1), w["o"])
             gate, up = self._project(w["norm_2"](h), w["gate_up"], w["intermediate"])
             h = h + apply(w["act"](gate) * up, w["down"])
         self.column = c + 1
