@@ -134,18 +134,9 @@ def exp_shifted_(z: Tensor) -> tuple[Tensor, Tensor]:
     return peak.view(shape), total.view(shape)
 
 
-def _selected_logprob_grad(z: Tensor, idx: Tensor, grad_out: Tensor, tau: float) -> Tensor:
-    """d/dz of sum grad_out * log softmax(z / tau)[idx] = (onehot(idx) - softmax(z / tau)) * grad_out / tau."""
-    if tau != 1.0:
-        z = z / tau
-    g_out = grad_out.unsqueeze(-1)
-    g = torch.softmax(z, dim=-1).mul_(-g_out)
-    g.scatter_add_(-1, idx, g_out)
-    return g.div_(tau) if tau != 1.0 else g
-
-
 def _selected_logprob_grad_(z: Tensor, idx: Tensor, grad_out: Tensor, tau: float) -> Tensor:
-    """``_selected_logprob_grad`` in place on ``z`` (logits the caller may overwrite: no chunk-sized temporary)."""
+    """d/dz of sum grad_out * log softmax(z / tau)[idx] = (onehot(idx) - softmax(z / tau)) * grad_out / tau,
+    in place on ``z`` (logits the caller may overwrite: no chunk-sized temporary)."""
     if tau != 1.0:
         z = z.div_(tau)
     _, total = exp_shifted_(z)
@@ -191,7 +182,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         idx = tokens.unsqueeze(-1)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            grad[rows] = _selected_logprob_grad(logits[rows].to(grad_out.dtype), idx[rows], grad_out[rows], tau)
+            # a copy of the chunk (the saved logits stay as they are) becomes its gradient in place
+            z = logits[rows].to(grad_out.dtype, copy=True)
+            grad[rows] = _selected_logprob_grad_(z, idx[rows], grad_out[rows], tau)
         return grad, None, None, None
 
 

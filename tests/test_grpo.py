@@ -147,6 +147,7 @@ def test_token_logprobs_gradient_matches_autograd(chunk_size):
     b = base.clone().requires_grad_(True)
     ((torch.log_softmax(b / 0.8, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)) * w).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10)
+    assert torch.equal(a.detach(), base)  # the backward works on copies: the logits are left as they were
 
 
 def test_token_logprobs_float32_and_bf16():
