@@ -175,18 +175,19 @@ class FusedDecodeStep:
         self.repeat = g = repeat
         if n % g or past[0][0].shape[0] * g != n:
             raise ValueError(f"past has {past[0][0].shape[0]} rows x repeat {g}, the mask {n}")
-        b, new = n // g, width - c
+        utterances, new = n // g, width - c
         self.width = width
         # "may attend" (B, 1, G x groups, C + new G): query row (g, j) sees its prompt columns and its own
         # new tokens at columns C + t G + g
-        allowed = attention.bool().view(b, g, width)
+        allowed = attention.bool().view(utterances, g, width)
         own = torch.eye(g, dtype=torch.bool, device=attention.device)[None, :, None, :] & allowed[..., c:, None]
-        rows = torch.cat([allowed[..., :c], own.reshape(b, g, new * g)], -1)
-        self.mask = rows[:, None, :, None, :].expand(b, 1, g, self.groups, c + new * g).reshape(b, 1, -1, c + new * g)
+        rows = torch.cat([allowed[..., :c], own.reshape(utterances, g, new * g)], -1)
+        self.mask = rows[:, None, :, None, :].expand(utterances, 1, g, self.groups, c + new * g).reshape(
+            utterances, 1, -1, c + new * g)
         self.layers = []
         for layer, (keys, values) in zip(decoder.layers, past):
             a, m = layer.self_attn, layer.mlp
-            cache_k = keys.new_empty(b, keys.shape[1], c + new * g, keys.shape[3])
+            cache_k = keys.new_empty(utterances, keys.shape[1], c + new * g, keys.shape[3])
             cache_v = torch.empty_like(cache_k)
             cache_k[:, :, :c], cache_v[:, :, :c] = keys, values
             if merge:
