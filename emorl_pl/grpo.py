@@ -134,16 +134,23 @@ def exp_shifted_(z: Tensor) -> tuple[Tensor, Tensor]:
     return peak.view(shape), total.view(shape)
 
 
+def _softmax_(z: Tensor) -> Tensor:
+    """softmax over the last dimension, in place on CPU (the same kernel and bits as ``torch.softmax``, without a
+    chunk-sized new tensor and its page faults); a new tensor elsewhere."""
+    if z.device.type == "cpu":
+        return torch.ops.aten._softmax.out(z, -1, False, out=z)
+    return torch.softmax(z, dim=-1)
+
+
 def _selected_logprob_grad_(z: Tensor, idx: Tensor, grad_out: Tensor, tau: float) -> Tensor:
     """d/dz of sum grad_out * log softmax(z / tau)[idx] = (onehot(idx) - softmax(z / tau)) * grad_out / tau,
-    in place on ``z`` (logits the caller may overwrite: no chunk-sized temporary)."""
+    overwriting ``z`` (logits the caller may overwrite)."""
     if tau != 1.0:
         z = z.div_(tau)
-    _, total = exp_shifted_(z)
     g_out = grad_out.unsqueeze(-1)
-    z.mul_(g_out.neg() / total)
-    z.scatter_add_(-1, idx, g_out)
-    return z.div_(tau) if tau != 1.0 else z
+    g = _softmax_(z).mul_(-g_out)
+    g.scatter_add_(-1, idx, g_out)
+    return g.div_(tau) if tau != 1.0 else g
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
