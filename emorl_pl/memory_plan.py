@@ -419,7 +419,8 @@ def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> 
     With a gradient and a frozen lm_head (LoRA) the forward also casts the chunk's softmax to b_l for the
     (softmax W) GEMM (none when b_l is 4) and keeps d logp / dh, (rows, T, D) fp32, for backward. When
     lm_head is trained (full fine-tuning) backward recomputes each chunk instead: z, its fp32 copy, the fp32
-    softmax-gradient and its b_l cast (none when b_l is 4), and an fp32 (V, D) weight-gradient accumulator.
+    softmax-gradient (in place in the fp32 z on CPU, a new tensor elsewhere) and its b_l cast (none when b_l is
+    4), and an fp32 (V, D) weight-gradient accumulator.
     An FSDP2 unit runs its own forward: logits (rows, T, V) in b_l, kept for ``_SelectiveLogSoftmax``'s
     backward, which works one row at a time: forward logsumexp makes 2 (T, V) fp32 temporaries (+ 1 upcast
     copy of bf16 logits); backward makes the (rows, T, V) gradient in b_l and, per row, an fp32 softmax
@@ -437,7 +438,9 @@ def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> 
             return (Piece("logits per chunk, with the softmax for d logp / dh (chunked lm_head)",
                           cells * (b + upcast + cast), f"{chunk} x {t} x {v}: z, fp32 z (and the softmax's cast)"),
                     Piece("d logp / dh kept for backward", rows * t * g.hidden_size * 4, "rows x T x D fp32"))
-        return (Piece("logits recomputed per chunk in backward (chunked lm_head)", cells * (b + upcast + 4 + cast),
+        softmax = 0 if s.device == "cpu" else 4  # grpo._softmax_: in place on CPU
+        return (Piece("logits recomputed per chunk in backward (chunked lm_head)",
+                      cells * (b + upcast + softmax + cast),
                       f"{chunk} x {t} x {v}: z, fp32 z, softmax-gradient (and its cast)"),
                 Piece("lm_head weight-gradient accumulator", v * g.hidden_size * 4, "V x D fp32"))
     logits = rows * t * v * b

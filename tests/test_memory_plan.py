@@ -110,6 +110,13 @@ def test_kv_cache_and_logits_by_hand(g7b):
     fp32 = plan(g7b, recipe_settings(precision="32-true"))
     assert fp32.piece("logits (rows, T, V), kept for backward").bytes == 6 * 512 * 156032 * 4
     assert fp32.piece("log-softmax chunk temporaries").bytes == 512 * 156032 * 4
+    # One device, full fine-tuning: backward recomputes one row's (512, V) logits; fp32 z is the chunk itself,
+    # and its softmax-gradient a new fp32 tensor on GPU, formed in place on CPU.
+    single = dict(strategy="single", num_gpus=1, precision="32-true", gradient_checkpointing=False)
+    gpu = plan(g7b, recipe_settings(**single))
+    cpu = plan(g7b, recipe_settings(**single, device="cpu"))
+    assert gpu.piece("logits recomputed per chunk in backward (chunked lm_head)").bytes == 512 * 156032 * (4 + 4)
+    assert cpu.piece("logits recomputed per chunk in backward (chunked lm_head)").bytes == 512 * 156032 * 4
     # Checkpointing keeps each layer's fp32 input: 32 x 6 rows x (928 + 512) x 4096 x 4 B (full sequences
     # under FSDP2).
     assert p.piece("activations: layer inputs (checkpointing)").bytes == 32 * 6 * 1440 * 4096 * 4
