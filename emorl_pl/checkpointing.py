@@ -74,8 +74,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):  # the original error matters, not the clean-up's
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
@@ -99,17 +99,31 @@ def commit_directory(tmp: str | Path, path: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO`` whose single-file saves are atomic (single device, DDP).
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (permissions, a full disk, ...): the run stops saying where and why,
+    rather than going on with no checkpoint (Lightning's own atomic save swallows ``PermissionError``)."""
 
-    Use: ``trainer: {plugins: [emorl_pl.checkpointing.AtomicCheckpointIO]}``. (``FSDP2Strategy`` writes
-    its sharded folders atomically itself.)
+
+def checkpoint_write_error(path: str | Path, error: BaseException | str) -> CheckpointWriteError:
+    errno = getattr(error, "errno", None)
+    return CheckpointWriteError(errno, f"could not write checkpoint {path}: {error}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` whose single-file saves are atomic and whose write errors stop the run.
+
+    ``emorl`` adds it to every run whose config names no checkpoint IO of its own (``emorl_pl.cli``); by
+    hand: ``trainer: {plugins: [emorl_pl.checkpointing.AtomicCheckpointIO]}``. (``FSDP2Strategy`` writes
+    its sharded folders atomically itself and uses this for single-file saves.)
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as e:
+            raise checkpoint_write_error(path, e) from e
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

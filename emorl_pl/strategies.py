@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from emorl_pl.checkpointing import (
     METADATA_FILENAME,
     AtomicCheckpointIO,
+    checkpoint_write_error,
     commit_directory,
     is_sharded_checkpoint,
 )
@@ -113,16 +114,29 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         path = Path(self.broadcast(str(filepath)))
         tmp = Path(self.broadcast(str(path.with_name(f"{path.name}.{_random_hex()}.tmp"))))
-        tmp.mkdir(parents=True, exist_ok=True)
+        self._on_every_rank(path, lambda: tmp.mkdir(parents=True, exist_ok=True))
         tensors = {"state_dict": checkpoint.pop("state_dict")}
         tensors.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        _distributed_checkpoint_save(tensors, tmp)
-        if self.global_rank == 0:
-            torch.save(checkpoint, tmp / METADATA_FILENAME)
-        self.barrier("FSDP2Strategy.save_checkpoint")  # every rank's shard is on disk before the rename
-        if self.global_rank == 0:
-            commit_directory(tmp, path)
-        self.barrier("FSDP2Strategy.commit_checkpoint")
+        try:
+            _distributed_checkpoint_save(tensors, tmp)  # DCP gathers every rank's errors and raises on all
+        except Exception as e:
+            raise checkpoint_write_error(path, e) from e
+        # Each step ends in an all-reduce of its outcome (every rank's shard is on disk before the rename), so
+        # a rank that failed to write stops every rank with the error instead of leaving them in a barrier.
+        self._on_every_rank(path, lambda: torch.save(checkpoint, tmp / METADATA_FILENAME), rank_zero_only=True)
+        self._on_every_rank(path, lambda: commit_directory(tmp, path), rank_zero_only=True)
+
+    def _on_every_rank(self, path: Path, write: Any, rank_zero_only: bool = False) -> None:
+        """Run ``write`` (on rank 0 only if asked); if it failed on any rank, raise ``CheckpointWriteError`` on
+        every rank."""
+        error: OSError | None = None
+        if not rank_zero_only or self.global_rank == 0:
+            try:
+                write()
+            except OSError as e:
+                error = e
+        if self.reduce_boolean_decision(error is not None, all=False):
+            raise checkpoint_write_error(path, error or "the write failed on another rank")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))

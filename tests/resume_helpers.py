@@ -73,3 +73,68 @@ class SaveCheckpointAt(L.Callback):
                            batch_idx: int) -> None:
         if trainer.fit_loop.total_batch_idx == self.batch:
             trainer.save_checkpoint(self.path)
+
+
+class SignalAt(L.Callback):
+    """Send ``signal`` (``SIGINT`` as Ctrl-C, ``SIGTERM`` as a scheduler's preemption) to this process once
+    training batch ``batch`` (0-based, of the run) has ended."""
+
+    def __init__(self, batch: int, signal_name: str) -> None:
+        self.batch, self.signum = batch, getattr(signal, signal_name)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+class LogConstant(L.Callback):
+    """Logs ``const = 1.0`` at every validation: a monitored metric that never improves after its first value."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log("const", 1.0)
+
+
+class FailCheckpointWrites(L.Callback):
+    """From the start of fit, opening a file for writing under the checkpoint folder fails with ``errno_name``
+    (``EACCES``: a read-only folder, as root cannot be refused by permissions; ``ENOSPC``: a full disk,
+    failing at the first write)."""
+
+    def __init__(self, errno_name: str) -> None:
+        self.errno_name = errno_name
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import builtins
+        import errno
+        import io
+
+        code = getattr(errno, self.errno_name)
+        real_open = builtins.open
+        folder = str(Path(trainer.default_root_dir).resolve())
+
+        class _FullFile(io.RawIOBase):
+            def writable(self) -> bool:
+                return True
+
+            def write(self, data: Any) -> int:
+                raise OSError(code, os.strerror(code))
+
+        def failing_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            path = str(Path(os.fspath(file)).resolve()) if isinstance(file, (str, os.PathLike)) else ""
+            if path.startswith(folder) and "checkpoints" in path and any(c in mode for c in "wax"):
+                if code == errno.ENOSPC:
+                    real_open(file, mode, *args, **kwargs).close()  # the file is created, its bytes don't fit
+                    return io.BufferedWriter(_FullFile())
+                raise PermissionError(code, os.strerror(code), os.fspath(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        real_os_open = os.open
+
+        def failing_os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            full = str(Path(os.fspath(path)).resolve())
+            if full.startswith(folder) and "checkpoints" in full and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(code, os.strerror(code), os.fspath(path))
+            return real_os_open(path, flags, *args, **kwargs)
+
+        builtins.open = failing_open
+        os.open = failing_os_open

@@ -44,6 +44,7 @@ from emorl_pl.modules.policy import AudioLMPolicy, Rollout
 from emorl_pl.prompts import PromptTemplate
 from emorl_pl.reasoning import check_mode, parse_response
 from emorl_pl.rewards import RewardOutput, RewardSet
+from emorl_pl.run_identity import RUN_IDENTITY_KEY, normalise_identity
 from emorl_pl.sampled_eval import majority_vote, pass_at_k
 from emorl_pl.schedules import lr_lambda, rl_progress, total_optimizer_steps
 from emorl_pl.strategies import FSDP2Strategy
@@ -136,6 +137,13 @@ class GRPOModule(L.LightningModule):
             raise ValueError("beta >= 0, num_iterations >= 1, micro_batch_size >= 1, accumulate_grad_batches >= 1")
         if eval_samples < 0 or (eval_samples and not eval_temperature > 0):
             raise ValueError(f"eval_samples must be >= 0 and eval_temperature > 0, got {eval_samples}, {eval_temperature}")
+        _check_positive_settings(max_new_tokens=max_new_tokens, eval_max_new_tokens=eval_max_new_tokens,
+                                 temperature=temperature, top_p=top_p, sft_lr=sft_lr)
+        if not 0 < top_p <= 1 or top_k < 0 or sft_steps < 0 or warmup_steps < 0 or epsilon_low < 0 or \
+                (epsilon_high is not None and epsilon_high < 0):
+            raise ValueError(f"expected 0 < top_p <= 1, top_k >= 0, sft_steps >= 0, warmup_steps >= 0, epsilon_low >= 0 "
+                             f"and epsilon_high >= 0; got top_p={top_p}, top_k={top_k}, sft_steps={sft_steps}, "
+                             f"warmup_steps={warmup_steps}, epsilon_low={epsilon_low}, epsilon_high={epsilon_high}")
         if loss_type not in grpo.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {list(grpo.LOSS_TYPES)}, got {loss_type!r}")
         if importance_sampling_level not in grpo.IMPORTANCE_SAMPLING_LEVELS:
@@ -561,6 +569,25 @@ class GRPOModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def accumulation_window_open(self) -> bool:
+        """Whether some batches of an accumulation window have run without its optimizer step (a checkpoint
+        taken now would lose them)."""
+        return self._accum > 0
+
+    def run_identity(self, datamodule: L.LightningDataModule | None = None) -> dict[str, Any]:
+        """The settings that define what a step of this run means (``emorl_pl.run_identity``): saved in every
+        checkpoint, compared with the config on resume."""
+        h = self.hparams
+        identity: dict[str, Any] = {f"model.{name}": h[name] for name in IDENTITY_HPARAMS}
+        identity["model.labels"] = list(self.labels)
+        identity["model.rewards"] = h.rewards if h.rewards is not None else {"eswr": 1.0, "format": 1.0}
+        identity["model.prompt"] = self.prompt
+        identity.update(self.policy.run_identity())
+        if datamodule is not None:
+            identity["data.class"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+            identity["data.seed"] = getattr(datamodule, "seed", None)
+        return identity
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._accum = int(checkpoint.get("emorl_accumulated_batches", 0))
         if checkpoint.get("global_step", 0) > self.hparams.sft_steps:
@@ -585,6 +612,9 @@ class GRPOModule(L.LightningModule):
                 "model.init_args.accumulate_grad_batches."
             )
         checkpoint["emorl_accumulated_batches"] = self._accum
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        # plain values only: Lightning loads checkpoints with weights_only=True
+        checkpoint[RUN_IDENTITY_KEY] = normalise_identity(self.run_identity(datamodule))
         if self._folded_adapters:
             checkpoint["emorl_folded_adapters"] = self._folded_adapters
         if self._reference_dir:  # the cold-start reference lives in its own model folder, not here
@@ -594,6 +624,22 @@ class GRPOModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if isinstance(state, dict) and state:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+
+
+# GRPOModule arguments that change what a training step computes (checked on resume); the others (the
+# optimizer, schedule, clipping, micro-batching, evaluation settings) may change freely.
+IDENTITY_HPARAMS = (
+    "mode", "group_size", "temperature", "top_p", "top_k", "max_new_tokens", "use_transcripts", "beta",
+    "epsilon_low", "epsilon_high", "loss_type", "importance_sampling_level", "scale_rewards", "num_iterations",
+    "mask_truncated", "dynamic_sampling", "accumulate_grad_batches", "sft_steps", "sampling_seed",
+)
+
+
+def _check_positive_settings(**values: float | int | None) -> None:
+    """Each given setting (None: unset, allowed) must be > 0; the error names the setting."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"model.init_args.{name} must be > 0, got {value!r}")
 
 
 def reward_columns(batch: Mapping[str, Any], group_size: int) -> dict[str, list[Any]]:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -261,6 +261,18 @@ class AudioLMPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         self.load()
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def run_identity(self) -> dict[str, Any]:
+        """The policy settings a checkpoint's weights depend on (``emorl_pl.run_identity``): the model family
+        and vocabulary (from ``config.json``, without loading weights), LoRA and which parts train."""
+        family = vocab = None
+        if (Path(self.model_dir) / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.model_dir)
+            family, vocab = config.model_type, config.get_text_config().vocab_size
+        return {"policy.family": family, "policy.vocab_size": vocab, "policy.lora": self.lora,
+                "policy.freeze_audio_tower": self.freeze_audio_tower}
 
     def trainable_parameter_names(self) -> list[str]:
         """Names (relative to this policy, as in its ``state_dict``) of the parameters being trained."""
