@@ -415,5 +415,8 @@ def roofline_table(geometry: ModelGeometry, shape: StepShape, machines: Sequence
                 ["phase", "measured ms", "floor ms", "measured/floor", "bound", "GFLOP", "MiB moved"], rows)
     print(f"\nfloor / step = {1 / ratio['median']:.3f} (step = {ratio['median']:.2f} x floor, "
           f"min {ratio['min']:.2f}, max {ratio['max']:.2f})")
+    if ratio["median"] < 1:  # a step cannot beat its floor: the machine's rates were measured low
+        print("note: the step ran faster than its roofline floor, so the matmul / memory rates measured after it "
+              "came out too low (a busy machine, or the small probe of --quick / --smoke); do not read the ratios")
     return {"floor_s": med(f["step"] for f in floors), "floor_over_step": 1 / ratio["median"],
             "step_over_roofline": ratio["median"]}

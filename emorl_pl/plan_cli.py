@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing import Any
 import yaml
 
 from emorl_pl.memory_plan import (
+    DTYPE_BYTES,
     LM_PROJECTIONS,
     MARGIN,
+    TEXT_TOKENS,
     ModelGeometry,
     Plan,
     PlanSettings,
@@ -81,24 +84,30 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         raise PlanConfigError(f"{path}: model_type {model_type!r} is not qwen2_audio or qwen2_5_omni_thinker")
     text = {**QWEN2_TEXT_DEFAULTS, **config.get("text_config", {})}
     audio = {**AUDIO_DEFAULTS, **config.get("audio_config", {})}
-    heads = int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    hidden = int(text["hidden_size"])
+
+    def size(section: str, values: Mapping[str, Any], key: str) -> int:
+        return _count(values[key], f"{section}.{key}", str(path))
+
+    def optional_size(key: str) -> int | None:  # null or absent: derived from the other sizes
+        return None if text.get(key) is None else size("text_config", text, key)
+
+    heads = size("text_config", text, "num_attention_heads")
+    hidden = size("text_config", text, "hidden_size")
     return ModelGeometry(
-        vocab_size=int(text["vocab_size"]),
+        vocab_size=size("text_config", text, "vocab_size"),
         hidden_size=hidden,
-        num_layers=int(text["num_hidden_layers"]),
+        num_layers=size("text_config", text, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=int(text.get("head_dim") or hidden // heads),
-        intermediate_size=int(text["intermediate_size"]),
+        num_kv_heads=optional_size("num_key_value_heads") or heads,
+        head_dim=optional_size("head_dim") or hidden // heads,
+        intermediate_size=size("text_config", text, "intermediate_size"),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-        audio_d_model=int(audio["d_model"]),
-        audio_layers=int(audio["encoder_layers"]),
-        audio_heads=int(audio["encoder_attention_heads"]),
-        audio_ffn=int(audio["encoder_ffn_dim"]),
-        num_mel_bins=int(audio["num_mel_bins"]),
-        max_source_positions=int(audio["max_source_positions"]),
+        audio_d_model=size("audio_config", audio, "d_model"),
+        audio_layers=size("audio_config", audio, "encoder_layers"),
+        audio_heads=size("audio_config", audio, "encoder_attention_heads"),
+        audio_ffn=size("audio_config", audio, "encoder_ffn_dim"),
+        num_mel_bins=size("audio_config", audio, "num_mel_bins"),
+        max_source_positions=size("audio_config", audio, "max_source_positions"),
         projector=model_type == "qwen2_audio",
         name=path.parent.name if path.name == "config.json" else path.stem,
     )
@@ -165,6 +174,46 @@ def merged_config(configs: Sequence[str], sections: Mapping[str, Sequence[str]] 
     return config, {k: ", ".join(v) for k, v in origin.items()}
 
 
+# ------------------------------------------------------------------------------------------ value checks
+def _count(value: Any, key: str, where: str, *, optional: bool = False) -> int | None:
+    """``value`` as a whole number >= 1 (None allowed when ``optional``); else an error naming ``key`` and
+    the file(s) ``where`` it was set. Bools and fractions are refused: ``batch_size: 2.5`` is a typo."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        wanted = "a whole number >= 1" + (" or null" if optional else "")
+        raise PlanConfigError(f"{key} must be {wanted}, got {value!r} (in {where})")
+    return value
+
+
+def _number(value: Any, key: str, where: str, *, low: float, low_open: bool, high: float = math.inf,
+            optional: bool = False) -> float | None:
+    """``value`` as a finite number in [low, high) (or (low, high) when ``low_open``); None allowed when
+    ``optional``; else an error naming ``key`` and where it was set."""
+    if value is None and optional:
+        return None
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    above = number > low if low_open else number >= low
+    if not (math.isfinite(number) and above and number < high):
+        wanted = f"a number {'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
+        raise PlanConfigError(f"{key} must be {wanted}{' or null' if optional else ''}, got {value!r} (in {where})")
+    return number
+
+
+def _choice(value: Any, key: str, where: str, choices: Sequence[str], *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if value not in choices:
+        raise PlanConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r} (in {where})")
+    return value
+
+
+def _prefix(config: dict, section: str) -> str:
+    """The dotted path of a section's constructor arguments, for messages: ``data.init_args.`` or ``data.``."""
+    block = config.get(section)
+    return f"{section}.init_args." if isinstance(block, dict) and "class_path" in block else f"{section}."
+
+
 def _get(config: dict, keys: Sequence[str], default: Any = None) -> Any:
     node: Any = config
     for key in keys:
@@ -194,18 +243,19 @@ def _strategy(trainer: dict) -> str:
 
 
 def _devices(trainer: dict, where: str) -> int | None:
+    """GPUs of the run, devices x num_nodes; None when Lightning decides (``auto``, -1: every visible GPU)."""
     devices = trainer.get("devices", "auto")
-    nodes = int(trainer.get("num_nodes", 1) or 1)
-    if isinstance(devices, int):
-        return devices * nodes
-    if isinstance(devices, list):
-        return len(devices) * nodes
+    nodes = 1 if trainer.get("num_nodes") is None else _count(trainer["num_nodes"], "trainer.num_nodes", where)
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        count = int(devices)
-        return None if count < 0 else count * nodes
-    if devices in ("auto", None):
+        devices = int(devices)
+    if devices in ("auto", None, -1):
         return None
-    raise PlanConfigError(f"trainer.devices {devices!r} in {where}: expected a number, a list or 'auto'")
+    if isinstance(devices, list) and devices:
+        return len(devices) * nodes
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices * nodes
+    raise PlanConfigError(f"trainer.devices must be a number >= 1, -1, a non-empty list of GPU indices or 'auto', "
+                          f"got {devices!r} (in {where})")
 
 
 def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_seconds: float | None = None,
@@ -222,25 +272,44 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
     data = {**DATA_DEFAULTS, **_init_args(config, "data")}
     trainer = config.get("trainer") or {}
     where_model = origin.get("model", "the model config")
+    where_data = origin.get("data", "the data config (or its defaults)")
+    where_trainer = origin.get("trainer", "the trainer config")
     if not _get(config, ("model", "init_args", "policy")):
         raise PlanConfigError(f"model.init_args.policy is not set (in {where_model}): pass the model section, "
                               "e.g. --model configs/model/emorl_qwen2_audio_7b.yaml")
+    # Every value the plan reads is checked here, so that a nonsensical one is named with its key and file
+    # instead of failing as a bare arithmetic error, or giving a plan for an impossible run.
+    m, d, pol = _prefix(config, "model"), _prefix(config, "data"), ".".join(POLICY) + "."
+    counts = {key: _count(module[key], m + key, where_model)
+              for key in ("group_size", "max_new_tokens", "micro_batch_size", "num_iterations", "accumulate_grad_batches")}
+    eval_max_new_tokens = _count(module.get("eval_max_new_tokens"), m + "eval_max_new_tokens", where_model, optional=True)
+    beta = _number(module["beta"], m + "beta", where_model, low=0, low_open=False)
+    mode = _choice(module["mode"], m + "mode", where_model, sorted(TEXT_TOKENS))
+    batch_size = _count(data["batch_size"], d + "batch_size", where_data)
+    eval_batch_size = _count(data.get("eval_batch_size"), d + "eval_batch_size", where_data, optional=True)
+    max_duration = _number(data.get("max_duration"), d + "max_duration", where_data, low=0, low_open=True,
+                           optional=True)
+    policy_dtype = _choice(policy["dtype"], pol + "dtype", where_model, sorted(DTYPE_BYTES))
 
     strategy = _strategy(trainer)
     strategy_args = _get(trainer, ("strategy", "init_args")) or {}
-    n = gpus if gpus is not None else _devices(trainer, origin.get("trainer", "the trainer config"))
+    n = gpus if gpus is not None else _devices(trainer, where_trainer)
     if n is None:
         n = 1 if strategy == "auto" else None
     if n is None:
-        raise PlanConfigError(f"trainer.devices is 'auto' (in {origin.get('trainer', 'the config')}): pass --gpus N")
+        raise PlanConfigError(f"trainer.devices is {trainer.get('devices', 'auto')!r} (in {where_trainer}): Lightning "
+                              "picks the GPU count at run time; pass --gpus N")
     if strategy == "auto":
         strategy = "single" if n == 1 else "ddp"
 
     lora = policy.get("lora")
     lora_rank, lora_targets, lora_dropout = None, LM_PROJECTIONS, 0.0
     if lora is not None:
+        if not isinstance(lora, dict):
+            raise PlanConfigError(f"{pol}lora must be a mapping of LoRA settings or null, got {lora!r} (in {where_model})")
         lora = {**LORA_DEFAULTS, **lora}
-        lora_rank, lora_dropout = int(lora["r"]), float(lora["dropout"])
+        lora_rank = _count(lora["r"], pol + "lora.r", where_model)
+        lora_dropout = _number(lora["dropout"], pol + "lora.dropout", where_model, low=0, low_open=False, high=1)
         targets = lora["target_modules"]
         if isinstance(targets, str):
             raise PlanConfigError(f"model.init_args.policy.init_args.lora.target_modules is a regex (in {where_model}); "
@@ -249,42 +318,43 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
 
     labels = data.get("label_set") or module.get("labels")
     num_labels = len(labels) if isinstance(labels, list) else LABEL_SET_SIZES.get(labels, 4)
-    max_duration = data.get("max_duration")
     if audio_seconds is None:
         audio_seconds = min(float(max_duration), window_seconds) if max_duration else window_seconds
         source = ("data.init_args.max_duration (the longest utterance)" if max_duration
                   else "the encoder window (no data.init_args.max_duration)")
     else:
         source = "--audio-seconds"
-    n_text = text_tokens(str(module["mode"]), num_labels)
+    n_text = text_tokens(mode, num_labels)
     n_audio = audio_tokens(audio_seconds, window_seconds)
     precision = str(trainer.get("precision", "32-true"))
     if precision in ("32", "64", "16", "bf16"):
         precision = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}[precision]
     settings = PlanSettings(
-        batch_size=int(data["batch_size"]),
-        group_size=int(module["group_size"]),
+        batch_size=batch_size,
+        group_size=counts["group_size"],
         prompt_tokens=n_audio + n_text,
-        max_new_tokens=int(module["max_new_tokens"]),
-        micro_batch_size=int(module["micro_batch_size"]),
+        max_new_tokens=counts["max_new_tokens"],
+        micro_batch_size=counts["micro_batch_size"],
         lora_rank=lora_rank,
         lora_targets=lora_targets,
         lora_dropout=lora_dropout,
-        policy_dtype=str(policy["dtype"]),
+        policy_dtype=policy_dtype,
         precision=precision,
         strategy=strategy,
         num_gpus=int(n),
         gradient_checkpointing=bool(policy["gradient_checkpointing"]),
-        beta=float(module["beta"]),
-        num_iterations=int(module["num_iterations"]),
-        accumulate_grad_batches=int(module["accumulate_grad_batches"]),
+        beta=beta,
+        num_iterations=counts["num_iterations"],
+        accumulate_grad_batches=counts["accumulate_grad_batches"],
         freeze_audio_tower=bool(policy["freeze_audio_tower"]),
         fused_decode=str(policy["fused_decode"]),
-        eval_batch_size=int(data.get("eval_batch_size") or data["batch_size"]),
-        eval_max_new_tokens=module.get("eval_max_new_tokens"),
+        eval_batch_size=eval_batch_size or batch_size,
+        eval_max_new_tokens=eval_max_new_tokens,
         device=device,
-        fsdp_param_dtype=strategy_args.get("param_dtype"),
-        fsdp_sync=strategy_args.get("sync_gradients", "per_step"),
+        fsdp_param_dtype=_choice(strategy_args.get("param_dtype"), "trainer.strategy.init_args.param_dtype",
+                                 where_trainer, sorted(DTYPE_BYTES), optional=True),
+        fsdp_sync=_choice(strategy_args.get("sync_gradients", "per_step"), "trainer.strategy.init_args.sync_gradients",
+                          where_trainer, ("per_step", "per_backward")),
         reference_sharded=strategy == "fsdp2",
         reference_dtype=reference_dtype,
         rollout_gathered=strategy == "fsdp2" and str(policy["fused_decode"]) != "off",
@@ -372,6 +442,23 @@ def format_suggestions(items: Sequence, limit_gib: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
+def _positive(kind: type, what: str) -> Any:
+    """An argparse ``type``: a finite ``kind`` > 0, else an argparse error (exit 2) naming the flag and
+    ``what`` it expects; a zero GPU memory would divide by zero, a negative one give nonsense advice."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse's name for the type in its own messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="emorl-plan",
@@ -383,9 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{section}", action="append", default=[], metavar="FILE",
                        help=f"a config file for the {section} section alone (repeatable)")
     p.add_argument("--model-config", help="the model's config.json (default: <model_dir>/config.json)")
-    p.add_argument("--gpus", type=int, help="GPUs of the run (default: trainer.devices x trainer.num_nodes)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    p.add_argument("--audio-seconds", type=float, default=None,
+    p.add_argument("--gpus", type=_positive(int, "a whole number of GPUs >= 1"),
+                   help="GPUs of the run (default: trainer.devices x trainer.num_nodes)")
+    p.add_argument("--gpu-memory", type=_positive(float, "a number of GiB > 0"), default=80.0,
+                   help="memory per GPU in GiB (default 80)")
+    p.add_argument("--audio-seconds", type=_positive(float, "a number of seconds > 0"), default=None,
                    help="longest utterance in seconds (default: data max_duration, capped at the 30 s window)")
     p.add_argument("--reference-dtype", choices=("float32", "bfloat16"), default=None,
                    help="what-if: the reference copy's dtype (default: the policy dtype; sharded: the compute dtype)")

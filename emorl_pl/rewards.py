@@ -7,6 +7,14 @@ one entry per completion (``keys``/``key``, ``texts``/``transcript``, ``speaker`
 ``group``, ...) and ``progress`` (fraction of training done, in [0, 1]); rewards ignore the columns they
 do not need through ``**columns``.
 
+Values are checked at every call, in training and evaluation alike: each must be a finite real number
+(bools, numpy / torch scalars and one-element tensors are converted) or None. Anything else raises
+``RewardValueError`` naming the reward, the sample's key, the completion's index and the value: NaN or
++-inf (a NaN would otherwise pass for "not applicable" unannounced and show up as NaN logged means), a
+string, a multi-element tensor. None is the way to say "not applicable"; a reward that computes vectorised
+and marks it with NaN declares so with a class or function attribute ``nan_means_not_applicable = True``:
+its NaNs then become None. Infinities are errors even then.
+
 Built-in rewards are named (``eswr``, ``format``, ``accuracy``; ``register_reward`` adds names). A
 reward of your own needs no registration: name it in the config by ``class_path`` (a class, built with
 its ``init_args`` plus ``labels`` / ``mode`` when its ``__init__`` takes them, or a plain function),
@@ -397,13 +405,14 @@ class RewardSet:
 
     def __call__(self, completions: list[str], labels: list[str], **columns: Any) -> RewardOutput:
         per_reward = {}
+        keys = _sample_keys(columns, len(completions))
         for name, fn in self.fns.items():
             try:
                 values = fn(completions, labels, **columns)
             except Exception as e:  # the traceback alone may not say which configured reward failed
                 e.add_note(f"in reward {name!r} (rewards.{name})")
                 raise
-            per_reward[name] = _check_values(name, values, len(completions))
+            per_reward[name] = _check_values(name, values, len(completions), keys, declares_nan_not_applicable(fn))
         total = []
         for i in range(len(completions)):
             terms = [self.weights[n] * r[i] for n, r in per_reward.items() if r[i] is not None]
@@ -421,25 +430,77 @@ def _plain_spec(value: Any) -> Any:
 
 def _weight(value: Any, name: str) -> float:
     try:
-        return float(value)
+        weight = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"rewards.{name}.weight must be a number, got {value!r}") from None
+    if not math.isfinite(weight):  # a nan / inf weight would turn every total into nan / inf
+        raise ValueError(f"rewards.{name}.weight must be a finite number, got {value!r}")
+    return weight
 
 
-def _check_values(name: str, values: Any, n: int) -> list[float | None]:
-    """A reward's output as floats / None: one per completion, numbers only (numpy / torch scalars and
-    bools are converted), so that a wrong type fails here, naming the reward, not deep in the loss."""
+class RewardValueError(ValueError):
+    """A reward returned something other than a finite number or None; the message names the reward, the
+    sample and the value."""
+
+
+NAN_FLAG = "nan_means_not_applicable"
+
+
+def declares_nan_not_applicable(fn: Any) -> bool:
+    """Whether reward ``fn`` (an object, its class, or a function, also under ``functools.partial``) declares
+    ``nan_means_not_applicable = True``: its NaN values then mean "not applicable", as None does."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, NAN_FLAG, False) is True
+
+
+def _sample_keys(columns: Mapping[str, Any], n: int) -> list[Any] | None:
+    """The sample key of each completion, for error messages (the trainer passes ``key``/``keys``)."""
+    for name in ("key", "keys"):
+        keys = columns.get(name)
+        if isinstance(keys, (list, tuple)) and len(keys) == n:
+            return list(keys)
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a returned value, cut for an error message (a wrong return may be a large tensor)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def _check_values(name: str, values: Any, n: int, keys: Sequence[Any] | None = None,
+                  nan_ok: bool = False) -> list[float | None]:
+    """A reward's output as floats / None: one per completion, finite real numbers only (numpy / torch scalars
+    and bools are converted; NaN becomes None when the reward declares ``nan_ok``), so that a wrong value fails
+    here, naming the reward and the sample, not as a NaN in the logs or deep in the loss."""
     try:
         values = list(values)
     except TypeError:
-        raise ValueError(f"reward {name!r} returned {type(values).__name__}, expected a list of "
-                         f"{n} floats or None") from None
+        raise RewardValueError(f"reward {name!r} returned {type(values).__name__}, expected a list of "
+                               f"{n} floats or None") from None
     if len(values) != n:
-        raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
+        raise RewardValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
     out: list[float | None] = []
     for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        where = f"for sample {keys[i]!r} (completion {i})" if keys is not None else f"for completion {i}"
         try:
-            out.append(None if v is None else float(v))
+            if isinstance(v, (str, bytes)):  # float("0.5") would pass a string off as a number
+                raise TypeError
+            x = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"reward {name!r} returned {v!r} for completion {i}; expected a float or None") from None
+            raise RewardValueError(f"reward {name!r} returned {_short(v)} {where}; expected a float or None") from None
+        if math.isnan(x) and nan_ok:
+            out.append(None)
+        elif math.isnan(x):
+            raise RewardValueError(f"reward {name!r} returned nan {where}; return None for \"not applicable\" "
+                                   f"(or declare {NAN_FLAG} = True on the reward)")
+        elif math.isinf(x):
+            raise RewardValueError(f"reward {name!r} returned {x!r} {where}; rewards must be finite "
+                                   "(None for \"not applicable\")")
+        else:
+            out.append(x)
     return out

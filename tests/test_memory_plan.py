@@ -277,13 +277,13 @@ def test_cli_defaults_match_the_constructors():
     assert {k: fields[k] for k in LORA_DEFAULTS} == LORA_DEFAULTS
 
 
-def test_console_script_runs_fast_without_torch():
+def test_console_script_runs_without_torch():
+    """What keeps emorl-plan quick is importing no torch / Lightning / transformers: checked as such, not by
+    timing it (a wall-clock bound fails by chance on a busy machine)."""
     script = Path(sys.executable).parent / "emorl-plan"
     assert script.is_file(), "pip install -e . (pyproject [project.scripts] emorl-plan)"
-    start = time.perf_counter()
     done = subprocess.run([str(script), *RECIPE, *LORA], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert time.perf_counter() - start < 5  # a second or less when the machine is idle
     assert "peak per GPU" in done.stdout
     probe = subprocess.run([sys.executable, "-c", "import sys, emorl_pl.plan_cli; "
                             "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))"],
