@@ -1,5 +1,6 @@
 """Write ``emorl predict`` results as JSONL: one line per input (key/path, emotion, reasoning, raw text, and
-``seconds_ignored``: the audio past the model's encoder window that it never heard)."""
+``seconds_ignored``: the audio the model never heard, past its encoder window or cut off by the data
+module's ``max_duration``), or, for an input that could not be used, a line with ``key`` and ``error``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ class JSONLPredictionWriter(BasePredictionWriter):
     """Appends each batch's predictions to ``output`` (per rank ``output.rankN`` when distributed).
 
     Refuses to overwrite an existing file unless ``overwrite`` is true (nothing the user wrote is lost).
-    Inputs that could not be read arrive as rows with an ``error`` field and are written as such.
+    Inputs that could not be used (unreadable, empty, NaN/inf audio) arrive in the batch's ``errors``
+    and are written as ``{"key", "error"}`` lines, with no emotion. A prediction's ``seconds_ignored``
+    (the encoder window's crop) gets the seconds the data module cropped before (its row's
+    ``meta["seconds_cropped"]``) added, so that it is all the audio the model never heard.
     """
 
     def __init__(self, output: str = "predictions.jsonl", overwrite: bool = False) -> None:
@@ -35,7 +39,19 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self._path = path
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        rows = list(prediction or []) + list((batch or {}).get("errors", []))
+        batch = batch or {}
+        cropped = {key: float(meta.get("seconds_cropped", 0.0))
+                   for key, meta in zip(batch.get("keys", []), batch.get("meta", [])) if meta}
+        rows = [with_data_crop(row, cropped) for row in prediction or []] + list(batch.get("errors", []))
         with open(self._path, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def with_data_crop(row: dict[str, Any], cropped: dict[str, float]) -> dict[str, Any]:
+    """``row`` with the seconds its input lost to the data module's crop (``cropped[key]``) added to
+    ``seconds_ignored``: the model's own count starts from the audio it was given, already cropped."""
+    extra = cropped.get(row.get("key"), 0.0)
+    if not extra:
+        return row
+    return {**row, "seconds_ignored": round(float(row.get("seconds_ignored", 0.0)) + extra, 3)}

@@ -1,9 +1,13 @@
 """Predict over plain audio files: a folder, a glob, or a list of paths (no shards needed).
 
-A missing, empty or unreadable file does not stop the run: it becomes an ``errors`` row of its batch
-(``{"key": path, "error": "..."}``), which the prediction writer writes as its own JSONL line. Its row
-stays in the batch as a placeholder (0.1 s of silence, ``is_pad`` true, no prediction wanted), so that
-an unreadable file never changes how many batches a rank runs.
+A missing, empty or unreadable file, or one with NaN/inf samples, does not stop the run: it becomes an
+``errors`` row of its batch (``{"key": path, "error": "..."}``), which the prediction writer writes as its
+own JSONL line (no emotion). Its row stays in the batch as a placeholder (0.1 s of silence, ``is_pad``
+true, no prediction wanted), so that an unreadable file never changes how many batches a rank runs.
+
+A file cropped to ``max_duration`` has ``meta["seconds_cropped"]`` (the seconds cut off; the prediction
+writer adds them to the file's ``seconds_ignored``), and the loader counts such files in the data
+module's ``cropped["predict"]`` and warns the first time.
 
 With R ranks, rank r predicts files ``r, r+R, r+2R, ...`` and every rank runs ``ceil(ceil(n/R) / B)``
 batches: a rank with one file fewer gets one padding row (``is_pad``, key ``"<padding>"``). Ranks of a
@@ -16,6 +20,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from emorl_pl.audio import load_audio, resample, to_mono
+from emorl_pl.datamodules.shards import nonfinite_problem
 from emorl_pl.datamodules.webdataset import rank_and_world_size
+from emorl_pl.modules.prompting import CroppedAudio
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus")
 
@@ -59,17 +66,24 @@ def rank_files(files: list[str], rank: int, world_size: int) -> list[str | None]
 
 
 def load_file(path: str, sample_rate: int, max_duration: float | None) -> dict[str, Any]:
-    """``{"key", "audio"}`` or, for a missing/empty/unreadable file, ``{"key", "error"}``."""
+    """``{"key", "audio", "seconds_cropped"}`` or, for a missing/empty/unreadable file or one with NaN/inf
+    samples, ``{"key", "error"}``."""
     try:
         audio, sr = load_audio(path)
+        problem = nonfinite_problem(audio)
+        if problem is not None:
+            # NaN/inf would give a confident-looking answer computed from NaN features
+            raise ValueError(f"{path}: {problem}; not predicted")
         audio = resample(to_mono(audio), sr, sample_rate).astype(np.float32)
         if audio.size == 0:
             raise ValueError(f"{path}: audio is empty")
     except Exception as err:  # noqa: BLE001 - any unreadable file becomes an error row
         return {"key": path, "error": str(err)}
-    if max_duration is not None:
+    cropped = 0.0
+    if max_duration is not None and audio.size > int(max_duration * sample_rate):
+        cropped = (audio.size - int(max_duration * sample_rate)) / sample_rate
         audio = audio[: int(max_duration * sample_rate)]
-    return {"key": path, "audio": torch.from_numpy(audio)}
+    return {"key": path, "audio": torch.from_numpy(audio), "seconds_cropped": cropped}
 
 
 def collate_files(items: list[dict[str, Any]], sample_rate: int) -> dict[str, Any]:
@@ -82,7 +96,7 @@ def collate_files(items: list[dict[str, Any]], sample_rate: int) -> dict[str, An
         "labels": [None] * len(items),
         "texts": [None] * len(items),
         "corpus": ["files"] * len(items),
-        "meta": [{} for _ in items],
+        "meta": [{"seconds_cropped": x["seconds_cropped"]} if x.get("seconds_cropped") else {} for x in items],
         "is_pad": ["audio" not in x for x in items],
         "errors": [{"key": x["key"], "error": x["error"]} for x in items if "error" in x],
     }
@@ -108,16 +122,23 @@ class FileBatches(Dataset):
 
 class FileLoader:
     """A plain iterable over a DataLoader of whole batches: not a DataLoader, so that Lightning does not
-    replace its sampler by a distributed one (the files are split between ranks already)."""
+    replace its sampler by a distributed one (the files are split between ranks already). Files cropped to
+    ``max_duration`` are counted into ``cropped`` as their batches are handed out."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, cropped: CroppedAudio | None = None,
+                 max_duration: float | None = None) -> None:
+        self.loader, self.max_duration = loader, max_duration
+        self.cropped = CroppedAudio() if cropped is None else cropped
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
-        return iter(self.loader)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            if self.max_duration is not None:
+                self.cropped.add([float(meta.get("seconds_cropped", 0.0))
+                                  for meta, pad in zip(batch["meta"], batch["is_pad"]) if not pad], self.max_duration)
+            yield batch
 
 
 def _identity(x: Any) -> Any:
@@ -127,8 +148,9 @@ def _identity(x: Any) -> Any:
 class AudioFilesDataModule(L.LightningDataModule):
     """``emorl predict`` input: ``paths`` is a folder, a glob (``data/**/*.wav``) or a list of files.
 
-    ``max_duration`` (seconds, None: whole files) crops here; by default nothing is, and the policy crops
-    to its encoder's window (30 s for Qwen2-Audio), recording each file's ``seconds_ignored``."""
+    ``max_duration`` (seconds, None: whole files) crops here (counted in ``cropped["predict"]``, and added
+    to each file's ``seconds_ignored`` by the prediction writer); by default nothing is, and the policy
+    crops to its encoder's window (30 s for Qwen2-Audio), recording each file's ``seconds_ignored``."""
 
     def __init__(
         self,
@@ -144,6 +166,7 @@ class AudioFilesDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.paths, self.label_set, self.sample_rate = paths, label_set, sample_rate
         self.max_duration, self.batch_size, self.num_workers = max_duration, batch_size, num_workers
+        self.cropped: dict[str, CroppedAudio] = {}  # "predict" -> files handed out cropped to max_duration
 
     def distributed_info(self) -> tuple[int, int]:
         """(rank, world_size): from the attached trainer, else torch.distributed, else (0, 1)."""
@@ -158,7 +181,11 @@ class AudioFilesDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"data.init_args.paths={self.paths!r} matched no audio files")
         batches = FileBatches(rank_files(files, rank, world_size), self.batch_size,
                               self.sample_rate, self.max_duration)
-        return FileLoader(DataLoader(batches, batch_size=None, num_workers=self.num_workers, collate_fn=_identity))
+        cropped = self.cropped.setdefault("predict", CroppedAudio(
+            what="max_duration={limit:g} s of the predict data",
+            where="counted in the data module's cropped['predict']; each file's seconds_ignored includes it"))
+        return FileLoader(DataLoader(batches, batch_size=None, num_workers=self.num_workers, collate_fn=_identity),
+                          cropped, self.max_duration)
 
     def predict_dataloader(self) -> FileLoader:
         return self.build_predict_loader()

@@ -186,8 +186,9 @@ class SplitWriter:
         audio = to_mono(sample.audio)
         if audio.size == 0:
             raise ValueError(f"sample {key!r}: audio is empty")
-        if not np.all(np.isfinite(audio)):
-            raise ValueError(f"sample {key!r}: audio has NaN/inf values")
+        problem = nonfinite_problem(audio)
+        if problem is not None:
+            raise ValueError(f"sample {key!r}: {problem}")
         audio = resample(audio, int(sample.sample_rate), self.sample_rate)
         if self.max_duration is not None and len(audio) > self.max_duration * self.sample_rate:
             if self.overlong == "skip":
@@ -275,7 +276,23 @@ class SampleDecodeError(ValueError):
 
 
 class LabelOutsideSetError(SampleDecodeError):
-    """A known emotion that is not in the label set in use (expected, e.g. MELD's disgust under iemocap4)."""
+    """A known emotion that is not in the label set in use (expected, e.g. MELD's disgust under iemocap4).
+
+    ``label``: the canonical label, so that the data modules can count the drops per label."""
+
+    def __init__(self, message: str, label: str | None = None) -> None:
+        super().__init__(message)  # args stay (message,): the error still pickles and unpickles
+        self.label = label
+
+
+def nonfinite_problem(audio: np.ndarray) -> str | None:
+    """None when every sample of ``audio`` is finite, else what is wrong (``"audio has 3 NaN and 1 inf
+    value(s) among 16000 samples"``): such audio would turn the model's features into NaN."""
+    finite = np.isfinite(audio)
+    if finite.all():
+        return None
+    nan = int(np.isnan(audio).sum())
+    return f"audio has {nan} NaN and {int(finite.size - finite.sum()) - nan} inf value(s) among {audio.size} samples"
 
 
 def _record_where(record: dict) -> str:
@@ -304,7 +321,7 @@ def record_meta(record: dict, label_set: tuple[str, ...] | None = None) -> tuple
     if label is None:
         raise SampleDecodeError(f"{where}: label {meta['label']!r} is not a known emotion")
     if label_set is not None and label not in label_set:
-        raise LabelOutsideSetError(f"{where}: label {label!r} is outside the label set {list(label_set)}")
+        raise LabelOutsideSetError(f"{where}: label {label!r} is outside the label set {list(label_set)}", label)
     return meta, label
 
 
@@ -315,9 +332,10 @@ def decode_record(
     """Decode one raw WebDataset record ``{"__key__", "__url__", "flac", "json"}`` into a sample dict.
 
     Returns ``{"key", "waveform" (1-D float32 np.ndarray at sample_rate, at most max_duration s),
-    "label" (canonical, in label_set when given), "text", "corpus", "meta"}``. Raises SampleDecodeError
-    naming the shard URL and key for undecodable audio, bad JSON, a missing field or a label outside
-    ``label_set`` (aliases are mapped to canonical names first).
+    "label" (canonical, in label_set when given), "text", "corpus", "meta"}``; audio cropped to
+    ``max_duration`` sets ``meta["seconds_cropped"]`` (the seconds cut off). Raises SampleDecodeError
+    naming the shard URL and key for undecodable or non-finite (NaN/inf) audio, bad JSON, a missing field
+    or a label outside ``label_set`` (aliases are mapped to canonical names first).
     """
     key = record.get("__key__", "<no key>")
     where = _record_where(record)
@@ -326,9 +344,16 @@ def decode_record(
         audio, sr = decode_audio(record["flac"], where)
     except AudioReadError as exc:
         raise SampleDecodeError(str(exc)) from exc
+    problem = nonfinite_problem(audio)
+    if problem is not None:
+        raise SampleDecodeError(f"{where}: {problem}")
     audio = resample(to_mono(audio), sr, sample_rate)
     if max_duration is not None:
-        audio = audio[: int(math.floor(max_duration * sample_rate))]
+        limit = int(math.floor(max_duration * sample_rate))
+        if len(audio) > limit:
+            # recorded so that the loader can count it and a prediction can say what the model never heard
+            meta["seconds_cropped"] = (len(audio) - limit) / sample_rate
+            audio = audio[:limit]
     text = meta.get("text")
     return {
         "key": key,

@@ -49,11 +49,19 @@ audio cannot be decoded stays in its batch as a placeholder (0.1 s of silence, `
 each worker reads all shards of the set (cheap: tar reading, not decoding) and decodes batch ``m`` of
 its rank iff ``m % W == w``.
 
-Corrupt samples (undecodable audio, bad JSON, missing field, label outside the label set, unreadable
-tar) are logged (one warning each, with shard URL and key; a label outside the set at debug level)
-and counted in ``self.skipped[split]``; the counts travel from workers to the main process alongside
-the batches, so they are exact after an iteration with any number of workers, and each loader logs a
-one-line summary (``<split>: N sample(s) skipped on rank r``) when it finishes.
+Skipped samples (undecodable or non-finite (NaN/inf) audio, bad JSON, missing field, label outside the
+label set, unreadable tar) are logged (one warning each, with shard URL and key; a label outside the set
+at debug level) and counted in ``self.skipped[split]``; those with a label outside the label set are also
+counted per label in ``self.dropped_labels[split]`` (``{"fear": 12, "disgust": 3}``). The counts travel
+from workers to the main process alongside the batches, so they are exact after an iteration with any
+number of workers, and each loader logs a one-line summary when it finishes (``<split>: N sample(s)
+skipped on rank r: 15 with a label outside the label set [...] ({'fear': 12, 'disgust': 3}); ...``: a
+warning, except for label drops alone after the loader's first summary, which are expected and go to info).
+
+Cropping: audio longer than ``max_duration`` keeps its first ``max_duration`` seconds. The samples handed
+out that were cropped (padding rows aside) are counted in ``self.cropped[split]`` (a
+``prompting.CroppedAudio``: waveforms, seconds cut off), warned about the first time and at every
+power of ten, and each such sample's ``meta["seconds_cropped"]`` says how much it lost.
 """
 
 from __future__ import annotations
@@ -85,11 +93,13 @@ from emorl_pl.datamodules.shards import (
     split_shards,
 )
 from emorl_pl.emotions import get_label_set, try_normalize_label
+from emorl_pl.modules.prompting import CroppedAudio
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
-Problem = tuple[str, int]  # (message, log level) of a record that was skipped
+Problem = tuple[str, int, str | None]  # (message, log level, label outside the label set) of a skipped record
+Skip = tuple[str, str | None]  # (message, label outside the label set or None) of a skipped record
 PLACEHOLDER_SECONDS = 0.1
 # The fields of the training stream's position that its batch sequence depends on (see the docstring).
 LAYOUT_KEYS = ("world_size", "batch_size", "seed", "samples", "epoch_length")
@@ -313,14 +323,14 @@ class _ShardStream(IterableDataset):
         self.sample_rate, self.label_set = sample_rate, label_set
         self.seed, self.epoch, self.num_batches, self.shuffle_buffer = seed, epoch, num_batches, shuffle_buffer
         self.counts, self.pass_batches, self.start = list(counts or []), pass_batches, 0
-        self._skips: list[str] = []
+        self._skips: list[Skip] = []
         self._pending: list[Problem] = []
         self._worker = 0
         self._substitutes: dict[int, dict] = {}
 
-    def _skip(self, msg: str, level: int = logging.WARNING) -> None:
+    def _skip(self, msg: str, level: int = logging.WARNING, label: str | None = None) -> None:
         log.log(level, "skipping sample: %s", msg)
-        self._skips.append(msg)
+        self._skips.append((msg, label))
 
     def _tar_handler(self, exn: Exception) -> bool:
         self._skip(f"unreadable shard data: {exn!r}")
@@ -339,18 +349,18 @@ class _ShardStream(IterableDataset):
         except LabelOutsideSetError as exc:
             # expected when a corpus has more classes than the label set: counted, logged quietly
             if count:
-                self._skip(str(exc), logging.DEBUG)
+                self._skip(str(exc), logging.DEBUG, exc.label)
             return None, str(exc)
         except SampleDecodeError as exc:
             if count:
                 self._skip(str(exc))
             return None, str(exc)
 
-    def _emit(self, batch_samples: list[dict]) -> tuple[Batch | None, list[str]]:
+    def _emit(self, batch_samples: list[dict]) -> tuple[Batch | None, list[Skip]]:
         skips, self._skips = self._skips, []
         return (collate_samples(batch_samples, self.sample_rate) if batch_samples else None), skips
 
-    def __iter__(self) -> Iterator[tuple[Batch | None, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[Batch | None, list[Skip]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skips, self._pending, self._worker, self._substitutes = [], [], worker, {}
@@ -374,13 +384,13 @@ class _ShardStream(IterableDataset):
         try:
             record_meta(record, self.label_set)
         except LabelOutsideSetError as exc:
-            return str(exc), logging.DEBUG
+            return str(exc), logging.DEBUG, exc.label
         except SampleDecodeError as exc:
-            return str(exc), logging.WARNING
+            return str(exc), logging.WARNING, None
         return None
 
     def _note_tar_error(self, exn: Exception) -> bool:
-        self._pending.append((f"unreadable shard data: {exn!r}", logging.WARNING))
+        self._pending.append((f"unreadable shard data: {exn!r}", logging.WARNING, None))
         return True
 
     def _rank_records(self, plan: RankPass) -> Iterator[dict]:
@@ -401,7 +411,7 @@ class _ShardStream(IterableDataset):
                     self._pending.append(problem or (
                         f"{record.get('__url__')}:{record.get('__key__')}: the shard has more usable samples "
                         f"than its index.json lists ({sl.count}); stale index, re-run the conversion",
-                        logging.WARNING))
+                        logging.WARNING, None))
             if sl.report and q < sl.count and self._worker == 0:
                 log.warning("shard %s gave %d usable samples, its index.json lists %d (stale index or unreadable "
                             "data): the missing rows are padded", sl.url, q, sl.count)
@@ -495,8 +505,8 @@ class _ShardStream(IterableDataset):
             pass_index = g // per_pass
             for rows, pool, problems in self._pass_batches(pass_index):
                 if g >= first and (g - first) % num_workers == worker:
-                    for msg, level in problems:
-                        self._skip(msg, level)
+                    for msg, level, label in problems:
+                        self._skip(msg, level, label)
                     yield self._train_rows(rows, pool, pass_index)
                     if g == last:
                         return
@@ -564,16 +574,22 @@ def _identity(x: Any) -> Any:
 
 class ShardLoader:
     """An iterable of batches for one rank: wraps a DataLoader over a _ShardStream, counts skipped samples
-    into ``counter[name]`` and, for training, tracks (epoch, batches handed out) for resuming.
+    into ``counter[name]`` (those with a label outside the label set also per label, into
+    ``dropped_labels``), the samples cropped to ``max_duration`` into ``cropped`` and, for training, tracks
+    (epoch, batches handed out) for resuming.
 
     ``layout``: the training stream's LAYOUT_KEYS values, saved with the position and checked on load."""
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, counter: Counter, name: str,
-                 length: int | None, layout: dict[str, Any] | None = None) -> None:
+                 length: int | None, layout: dict[str, Any] | None = None,
+                 dropped_labels: Counter | None = None, cropped: CroppedAudio | None = None) -> None:
         self.stream, self.num_workers, self.counter, self.name = stream, num_workers, counter, name
         self.length, self.layout = length, dict(layout or {})
+        self.dropped_labels = Counter() if dropped_labels is None else dropped_labels
+        self.cropped = CroppedAudio() if cropped is None else cropped
         self.epoch, self.batches = 0, 0
         self._resume_skip = 0
+        self._summarised_labels = False  # label drops are expected: a warning the first time, then info
 
     def __len__(self) -> int:
         if self.length is None:
@@ -606,10 +622,13 @@ class ShardLoader:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             persistent_workers=False)
         skipped, summarised = 0, False
+        labels: Counter[str] = Counter()  # this iteration's label drops, for its summary
         for batch, skips in loader:
             if skips:
                 self.counter[self.name] += len(skips)
                 skipped += len(skips)
+                labels.update(label for _, label in skips if label is not None)
+                self.dropped_labels.update(label for _, label in skips if label is not None)
             if batch is None:
                 continue
             if dropped > 0:
@@ -617,11 +636,12 @@ class ShardLoader:
                 continue
             handed += 1
             self.batches = handed
+            self._count_crops(batch)
             batch["waveforms"] = [torch.from_numpy(w) for w in batch["waveforms"]]
             # Lightning stops after len() batches without exhausting this generator: what must happen at
             # the end of the epoch happens when its last batch is handed out.
             if self.length is not None and handed >= self.length and not summarised:
-                self._summary(skipped)
+                self._summary(skipped, labels)
                 summarised = True
             if train and self.length is not None and handed >= self.length:
                 # the epoch advances here, or every epoch would replay the same shuffle
@@ -632,12 +652,31 @@ class ShardLoader:
         if train:
             self.epoch, self.batches = self.epoch + 1, 0
         if not summarised:
-            self._summary(skipped)
+            self._summary(skipped, labels)
 
-    def _summary(self, skipped: int) -> None:
-        if skipped:
-            log.warning("%s: %d sample(s) skipped on rank %d (see the warnings above)", self.name, skipped,
-                        self.stream.rank)
+    def _count_crops(self, batch: Batch) -> None:
+        limit = self.stream.decode_kw["max_duration"]
+        if limit is None:
+            return
+        # padding rows repeat samples counted already (or stand in for undecodable ones)
+        self.cropped.add([float(meta.get("seconds_cropped", 0.0)) for meta, pad in zip(batch["meta"], batch["is_pad"])
+                          if not pad], limit)
+
+    def _summary(self, skipped: int, labels: Counter[str]) -> None:
+        if not skipped:
+            return
+        outside = sum(labels.values())
+        other = skipped - outside
+        parts = []
+        if outside:
+            parts.append(f"{outside} with a label outside the label set {list(self.stream.label_set)} "
+                         f"({dict(labels.most_common())})")
+        if other:
+            parts.append(f"{other} unreadable or invalid (see the warnings above)")
+        level = logging.WARNING if other or not self._summarised_labels else logging.INFO
+        self._summarised_labels = True
+        log.log(level, "%s: %d sample(s) skipped on rank %d: %s", self.name, skipped, self.stream.rank,
+                "; ".join(parts))
 
 
 
@@ -649,8 +688,9 @@ class ShardDataModule(L.LightningDataModule):
         test: one source, or ``{name: source}`` for several test sets (cross-corpus evaluation);
             ``test_set_names[dataloader_idx]`` gives each name.
         label_set: a label set name or list; samples whose label (alias-normalised) is outside it are
-            skipped and counted.
-        max_duration: longer audio is cropped to its first ``max_duration`` seconds (None: keep all).
+            skipped and counted (``skipped``, and per label in ``dropped_labels``).
+        max_duration: longer audio is cropped to its first ``max_duration`` seconds (None: keep all),
+            counted per split in ``cropped`` and warned about.
         eval_batch_size: batch size of valid/test (default: batch_size).
         shuffle_buffer: samples in the training shuffle buffer.
         epoch_length: training batches per rank per epoch (default: one pass, ceil(ceil(U / R) / batch_size)
@@ -686,6 +726,10 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.epoch_length = epoch_length
         self.skipped: Counter[str] = Counter()
+        # split -> {label: samples skipped because their label is outside label_set}
+        self.dropped_labels: dict[str, Counter[str]] = {}
+        # split -> running totals of the samples handed out cropped to max_duration
+        self.cropped: dict[str, CroppedAudio] = {}
         self._train_loader: ShardLoader | None = None
         self._pending_state: dict | None = None
 
@@ -697,6 +741,13 @@ class ShardDataModule(L.LightningDataModule):
     def distributed_info(self) -> tuple[int, int]:
         """(rank, world_size): from the attached trainer, else torch.distributed, else (0, 1)."""
         return rank_and_world_size(getattr(self, "trainer", None))
+
+    def _tallies(self, name: str) -> dict[str, Any]:
+        """The per-split counters a loader named ``name`` adds to (shared by its loaders over a run)."""
+        cropped = self.cropped.setdefault(name, CroppedAudio(
+            what="max_duration={limit:g} s of the " + name + " data",
+            where=f"counted in the data module's cropped[{name!r}]; each sample's meta has seconds_cropped"))
+        return {"dropped_labels": self.dropped_labels.setdefault(name, Counter()), "cropped": cropped}
 
     def _source(self, kind: str, spec: str | None) -> str:
         if spec is None:
@@ -724,7 +775,7 @@ class ShardDataModule(L.LightningDataModule):
         layout = {"world_size": world_size, "batch_size": self.batch_size, "seed": self.seed, "samples": total,
                   "epoch_length": self.epoch_length}
         return ShardLoader(stream, num_workers=self.num_workers, counter=self.skipped, name="train",
-                           length=num_batches, layout=layout)
+                           length=num_batches, layout=layout, **self._tallies("train"))
 
     def build_eval_loader(self, source: str, name: str, rank: int | None = None,
                           world_size: int | None = None) -> ShardLoader:
@@ -738,7 +789,8 @@ class ShardDataModule(L.LightningDataModule):
         stream = _ShardStream(urls, train=False, batch_size=self.eval_batch_size, rank=rank,
                               world_size=world_size, sample_rate=self.sample_rate,
                               max_duration=self.max_duration, label_set=self.label_set)
-        return ShardLoader(stream, num_workers=self.num_workers, counter=self.skipped, name=name, length=length)
+        return ShardLoader(stream, num_workers=self.num_workers, counter=self.skipped, name=name, length=length,
+                           **self._tallies(name))
 
     def train_dataloader(self) -> ShardLoader:
         # one loader object for the whole run, so its (epoch, batches) state carries over

@@ -55,23 +55,49 @@ class PromptEmbeds:
 
 @dataclass
 class CroppedAudio:
-    """Running totals of audio cropped to the encoder window; warns the first time any is cropped."""
+    """Running totals of audio cropped to a length limit: the encoder's window (the policy's), or a data
+    module's ``max_duration`` (``what`` and ``where`` say which, in the warnings).
 
-    utterances: int = 0
-    seconds: float = 0.0
+    Warns the first time any audio is cropped, with that batch's figures, and again with the totals so far
+    each time the number of cropped waveforms reaches a power of ten (10, 100, ...): a single warning with
+    the first batch's figures under-reported what a run ignored, and nothing else showed the totals."""
+
+    utterances: int = 0  # waveforms cropped
+    seconds: float = 0.0  # seconds cut off, in total
+    seen: int = 0  # waveforms looked at (cropped or not)
+    limit: float | None = None  # seconds, as last given to ``add``
+    what: str = "the encoder's {limit:g} s window"
+    where: str = ("the policy counts them in cropped_utterances / cropped_seconds, and predictions record "
+                  "seconds_ignored per file; audio a data module cropped to its max_duration before is counted "
+                  "by the data module (its cropped totals)")
 
     def add(self, seconds_ignored: Sequence[float], window_seconds: float) -> None:
+        """Count one batch: the seconds cut off each waveform (0.0: not cropped) at a limit of
+        ``window_seconds``."""
         cropped = [s for s in seconds_ignored if s > 0]
-        if not cropped:
-            return
-        if not self.utterances:
-            log.warning(
-                "%d of %d waveforms are longer than the encoder's %g s window: %.2f s of audio ignored (cropped). "
-                "Warned once; the policy counts them in cropped_utterances / cropped_seconds, and predictions "
-                "record seconds_ignored per file.", len(cropped), len(seconds_ignored), window_seconds, sum(cropped),
-            )
+        before = self.utterances
+        self.limit = window_seconds
+        self.seen += len(seconds_ignored)
         self.utterances += len(cropped)
         self.seconds += sum(cropped)
+        if not cropped:
+            return
+        if not before:
+            log.warning(
+                "%d of %d waveforms are longer than %s: %.2f s of audio ignored (cropped) in this batch; the "
+                "totals follow at 10, 100, 1000... cropped waveforms; %s.", len(cropped), len(seconds_ignored),
+                self._what(), sum(cropped), self.where,
+            )
+        elif len(str(self.utterances)) > len(str(before)):  # crossed 10, 100, 1000...
+            log.warning("%s so far (%s).", self.summary(), self.where)
+
+    def _what(self) -> str:
+        return self.what.format(limit=self.limit) if self.limit is not None else "the limit"
+
+    def summary(self) -> str:
+        """The totals in words: ``"12 of 40 waveforms longer than ...: 31.50 s of audio ignored (cropped)"``."""
+        return (f"{self.utterances} of {self.seen} waveforms longer than {self._what()}: {self.seconds:.2f} s "
+                "of audio ignored (cropped)")
 
 
 def conversation(instruction: str, transcript: str | None = None, system_prompt: str | None = None) -> list[dict]:

@@ -3,7 +3,8 @@
 Audio is read with soundfile (``emorl_pl.audio.load_audio``). Video containers (MELD's ``.mp4``) are
 read from a same-stem ``.wav``/``.flac`` beside them when there is one, else decoded by ``ffmpeg`` when
 it is on PATH; without either the conversion stops before writing anything. A missing or unreadable
-file is skipped and listed (``strict=True`` stops instead).
+file, or one whose samples include NaN/inf, is skipped and listed with the reason in the summary, the
+index's ``skipped`` count and ``conversion.json`` (``strict=True`` stops instead).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from tqdm import tqdm
 
 from emorl_pl.audio import AudioReadError, decode_audio, load_audio
 from emorl_pl.datamodules.corpora.common import Plan, PlannedUtterance
-from emorl_pl.datamodules.shards import INDEX_NAME, AudioSample, SplitWriter, is_partial_split
+from emorl_pl.datamodules.shards import (
+    INDEX_NAME,
+    AudioSample,
+    SplitWriter,
+    is_partial_split,
+    nonfinite_problem,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4a")
 SIBLING_SUFFIXES = (".wav", ".flac")
@@ -147,6 +154,10 @@ def convert_plan(
             for u in bar:
                 try:
                     audio, sr = load_source_audio(u.path, sample_rate)
+                    problem = nonfinite_problem(audio)
+                    if problem is not None:
+                        # one bad file must not abort the corpus (the writer refuses such audio)
+                        raise AudioReadError(f"{u.path}: {problem}")
                 except AudioReadError as exc:
                     if strict:
                         raise ConversionError(f"{exc} (--strict: stopping; the {split} split is incomplete)") from exc
