@@ -301,3 +301,28 @@ def test_bad_model_values_are_refused_at_start_up(tmp_path, flag, value):
     proc = _run(fit_args(tmp_path, 2, []) + [f"--model.init_args.{flag}", value], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert flag in proc.stderr and not (tmp_path / "csv").exists(), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/trainer/single_gpu.yaml",
+                                    "configs/trainer/ddp_4gpu.yaml", "configs/trainer/fsdp2_8gpu.yaml"])
+def test_every_shipped_config_saves_atomically_with_last_at_every_event(tmp_path, config, toy_model_dir):
+    """Each shipped trainer config, as ``emorl`` builds it: the checkpoint IO is ``AtomicCheckpointIO`` (whose
+    write errors stop the run) and the checkpoint callback is the one that keeps ``last.ckpt`` current."""
+    import lightning as L
+    from test_distributed import REPO
+
+    from emorl_pl.callbacks.checkpoint import ModelCheckpoint
+    from emorl_pl.checkpointing import AtomicCheckpointIO
+    from emorl_pl.cli import EmoRLCLI
+    from emorl_pl.modules.grpo_module import GRPOModule
+
+    args = (["-c", str(REPO / "tests/configs/tiny_grpo.yaml")] if "trainer/" in config else []) + ["-c", str(REPO / config)]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+             "--trainer.precision", "32-true", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    if "quickstart" not in config:
+        args += ["--model.init_args.policy.init_args.model_dir", toy_model_dir]
+    trainer = EmoRLCLI(GRPOModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       args=args, run=False).trainer
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
+    assert checkpoints and all(type(c) is ModelCheckpoint for c in checkpoints)
