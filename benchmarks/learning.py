@@ -122,7 +122,10 @@ def run_seed(seed: int, root: Path, sft_steps: int, grpo_steps: int, control: bo
         }
         for name, reward_args in variants.items():
             run_dir = base / f"grpo_{mode}_{name}"
-            stage("fit", run_dir, seed, [*common, *reward_args, "--trainer.max_steps", str(total), "--ckpt_path", sft_ckpt])
+            # Each variant branches off the shared cold start with its own rewards: an intended change of the
+            # run's settings, so the resume is told to allow it.
+            stage("fit", run_dir, seed, [*common, *reward_args, "--trainer.max_steps", str(total), "--ckpt_path", sft_ckpt,
+                                         "--resume_changes", "allow"])
             label = f"GRPO {mode} + {'ESWR' if name == 'eswr' else 'accuracy'}"
             res[label] = stage("test", run_dir / "test", seed, [*common, *reward_args, "--ckpt_path", _last_ckpt(run_dir)])
     return res
@@ -250,7 +253,9 @@ def fit_and_test(variant: Variant, run_dir: Path, seed: int, extra: list[str], c
         "--seed_everything", str(seed), "--model.init_args.sampling_seed", str(seed),
         "--data.init_args.seed", str(seed),
         "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.callbacks+=learning.CurveRecorder", *extra, *(["--ckpt_path", ckpt] if ckpt else []),
+        "--trainer.callbacks+=learning.CurveRecorder", *extra,
+        # a variant that continues a cold start changes its settings (rewards, mode) on purpose
+        *(["--ckpt_path", ckpt, "--resume_changes", "allow"] if ckpt else []),
     ]
     start, cpu = time.time(), time.process_time()
     cli = run_cli(args)
