@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
 
 class AudioReadError(ValueError):
@@ -85,6 +84,10 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        # Imported here: the CPU vLLM environment has no torchaudio (scripts/vllm_cpu_env.sh), and only
+        # resampling needs it.
+        import torchaudio.functional as AF
+
         y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), int(sr_in), int(sr_out))
     finally:
         torch.set_num_threads(threads)

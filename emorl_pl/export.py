@@ -1,6 +1,7 @@
 """``emorl-export``: a trained checkpoint -> a plain Hugging Face model folder; or consolidate a sharded one.
 
-    # merge LoRA into the base model; save model + processor (loads with from_pretrained)
+    # merge LoRA into the base model; save model + processor (loads with from_pretrained; weights in the
+    # published key layout, which vLLM also reads)
     emorl-export --config runs/csv/version_0/config.yaml --ckpt runs/csv/version_0/checkpoints/last.ckpt \\
         --out exported/ [--model_dir BASE_MODEL_DIR] [--overwrite]
 
@@ -24,6 +25,7 @@ from emorl_pl.checkpointing import (
     load_checkpoint_file_or_folder,
     policy_state_dict,
 )
+from emorl_pl.modules.hub_layout import save_in_hub_layout
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
 
 
@@ -66,13 +68,14 @@ def load_trained_policy(config: str | Path, ckpt: str | Path, model_dir: str | N
 
 
 def export_policy(policy: AudioLMPolicy, out: str | Path, overwrite: bool = False) -> Path:
-    """Merge LoRA into the base weights (``merge_and_unload``) and ``save_pretrained`` model + processor."""
+    """Merge LoRA into the base weights (``merge_and_unload``) and save model + processor, the weights in the
+    family's published key layout (``save_in_hub_layout``: what vLLM and the hub's readers expect)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its contents")
     out.mkdir(parents=True, exist_ok=True)
     model = policy.model.merge_and_unload() if policy.lora is not None else policy.model
-    model.save_pretrained(out)
+    save_in_hub_layout(model, out)
     policy.processor.tokenizer.padding_side = "right"  # save the HF default, not the rollout setting
     policy.processor.save_pretrained(out)
     return out

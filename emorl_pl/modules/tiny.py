@@ -9,6 +9,10 @@ Two builders share one code path (``_save_qwen2_audio``):
   The default for tests that touch the model.
 * ``build_tiny_qwen2_audio``: a toy with a 1024-token BPE trained in-process and a 2 s window; fast, for
   places where the vocabulary and the window length do not matter (the quickstart, benchmarks).
+
+Both save their weights in Qwen2-Audio-7B-Instruct's published key layout (``hub_layout.save_in_hub_layout``),
+so that every reader of the real checkpoint (transformers, vLLM) reads them; a folder left by an older build in
+transformers' doubled layout is rebuilt.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+
+from emorl_pl.modules.hub_layout import hub_layout_problems, save_in_hub_layout, saved_weight_names
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 AUDIO_SPECIAL_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
@@ -208,10 +214,25 @@ def _has_model(out_dir: Path) -> bool:
     return (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors"))
 
 
+# What these builders wrote before they saved through save_in_hub_layout: transformers' doubled layout of a
+# freshly built Qwen2-Audio, which vLLM refuses.
+_OLD_BUILD_PREFIX = "language_model.model.model."
+
+
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
-    """Whether a model must be built in ``out_dir`` (clearing it first when ``overwrite``)."""
+    """Whether a model must be built in ``out_dir`` (clearing it first when ``overwrite``).
+
+    A folder holding an older build (doubled layout) is rebuilt, so that caches of them do not outlive the
+    fix; any other model that is not in the published layout is refused rather than deleted.
+    """
     if _has_model(out_dir) and not overwrite:
-        return False
+        problems = hub_layout_problems(out_dir)
+        if not problems:
+            return False
+        if not any(name.startswith(_OLD_BUILD_PREFIX) for name in saved_weight_names(out_dir)):
+            raise ValueError(f"{out_dir} holds a model whose weights are not in the published key layout "
+                             f"({'; '.join(problems[:3])}); pass overwrite=True or use another folder")
+        overwrite = True
     if out_dir.exists() and overwrite:
         shutil.rmtree(out_dir)
     return True
@@ -302,7 +323,7 @@ def _save_qwen2_audio(
         bos_token_id=ids["<|endoftext|>"],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_in_hub_layout(model, out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -324,7 +345,7 @@ def build_tiny_qwen2_audio(
     ``_save_qwen2_audio``.
 
     Deterministic for a seed. If ``out_dir`` already holds a model and not ``overwrite``, it is returned
-    unchanged.
+    unchanged (an older build in the doubled key layout is rebuilt, see ``_prepare_out_dir``).
     """
     out_dir = Path(out_dir)
     if not _prepare_out_dir(out_dir, overwrite):
@@ -356,7 +377,8 @@ def build_real_shape_qwen2_audio(
 
     The layer sizes default to the test model's (see ``_save_qwen2_audio``); the benchmarks' realistic shape
     passes wider ones. Deterministic for a seed; an existing model in ``out_dir`` is returned unchanged
-    unless ``overwrite`` (whatever sizes it was built with: use one folder per size).
+    unless ``overwrite`` (whatever sizes it was built with: use one folder per size), or unless it is an older
+    build in the doubled key layout (rebuilt, see ``_prepare_out_dir``).
     """
     out_dir = Path(out_dir)
     if not _prepare_out_dir(out_dir, overwrite):
@@ -371,10 +393,12 @@ def build_real_shape_qwen2_audio(
 
 
 def ensure_tiny_model(out_dir: str | Path, **kwargs) -> Path:
-    """Return ``out_dir``, building the toy model there first if it holds none."""
+    """Return ``out_dir``, building the toy model there first if it holds none (or an older build in the
+    doubled key layout)."""
     return build_tiny_qwen2_audio(out_dir, overwrite=False, **kwargs)
 
 
 def ensure_real_shape_model(out_dir: str | Path, **kwargs) -> Path:
-    """Return ``out_dir``, building the real-shape model there first if it holds none."""
+    """Return ``out_dir``, building the real-shape model there first if it holds none (or an older build in
+    the doubled key layout)."""
     return build_real_shape_qwen2_audio(out_dir, overwrite=False, **kwargs)
