@@ -11,6 +11,7 @@ to one prompt.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from torch import Tensor
 ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# TRL 1.16 ``GRPOConfig.vllm_importance_sampling_mode``: {token, sequence} granularity x {truncate, mask} bound.
+IS_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 # ----------------------------------------------------------------------------------------- advantages
@@ -399,6 +402,117 @@ def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+# ---------------------------------------------------------------- train / inference mismatch (vLLM IS)
+def check_is_correction(mode: str, clip_max: float | None, clip_min: float | None) -> None:
+    """Reject settings TRL 1.16 rejects (``GRPOConfig.__post_init__``, or at the first batch for an unknown
+    mode), plus bounds that make no sense for a ratio (NaN, negative, clip_max <= 0)."""
+    if mode not in IS_CORRECTION_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {list(IS_CORRECTION_MODES)}, got {mode!r}")
+    for name, value in (("vllm_importance_sampling_clip_max", clip_max),
+                        ("vllm_importance_sampling_clip_min", clip_min)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or math.isnan(value) or value < 0):
+            raise ValueError(f"{name} must be None or a number >= 0, got {value!r}")
+    if clip_max is not None and clip_max <= 0:
+        raise ValueError(f"vllm_importance_sampling_clip_max must be > 0 (or None: no upper bound), got {clip_max!r}")
+    if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+        raise ValueError(f"vllm_importance_sampling_clip_min ({clip_min}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({clip_max}).")
+    if mode.endswith("_truncate") and clip_min is None and clip_max is None:
+        raise ValueError("at least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max "
+                         f"must be set when vllm_importance_sampling_mode is a *_truncate mode (got {mode!r})")
+
+
+def _is_log_ratio(old_logps: Tensor, sampling_logps: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """log(pi_trainer / pi_engine) per token (N, T) or summed per sequence (N, 1), before any bound."""
+    diff = (old_logps - sampling_logps) * mask
+    # A token the engine could not score (NaN) gets ratio 1 (no correction), as TRL; masked tokens give 0
+    # too (even an engine's -inf there: inf * 0 is NaN, then 0).
+    diff = torch.nan_to_num(diff, nan=0.0)
+    return diff.sum(dim=-1, keepdim=True) if mode.startswith("sequence") else diff
+
+
+@torch.no_grad()
+def importance_sampling_correction(
+    old_logps: Tensor,
+    sampling_logps: Tensor,
+    mask: Tensor,
+    mode: str = "sequence_mask",
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
+) -> Tensor:
+    """TRL 1.16's ``vllm_importance_sampling_ratio``: weights that correct for completions sampled by an
+    inference engine whose log-probs differ from the trainer's. (N, T) inputs; returns (N, T) for token
+    modes, (N, 1) for sequence modes; no gradient.
+
+        d_t = nan_to_num((old_t - sampling_t) * m_t, nan=0)   (masked / unscored tokens: d = 0, ratio 1)
+        token_*:    rho_t = exp(d_t)
+        sequence_*: rho   = exp(sum_t d_t)                     (one ratio per completion, unnormalised)
+        *_truncate: rho <- clamp(rho, clip_min, clip_max)      (None: that side unbounded)
+        *_mask:     rho <- 0 where rho < clip_min or rho > clip_max
+
+    ``grpo_loss(..., importance_sampling_ratio=rho)`` multiplies the clipped surrogate by it (not the KL).
+    """
+    check_is_correction(mode, clip_max, clip_min)
+    if sampling_logps.shape != old_logps.shape or mask.shape != old_logps.shape:
+        raise ValueError(f"old_logps, sampling_logps and mask must have one shape; got {tuple(old_logps.shape)}, "
+                         f"{tuple(sampling_logps.shape)}, {tuple(mask.shape)}")
+    ratio = torch.exp(_is_log_ratio(old_logps, sampling_logps, mask, mode))
+    if mode.endswith("_truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = clip_min if clip_min is not None else -math.inf
+    high = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
+
+
+@torch.no_grad()
+def importance_sampling_stats(
+    old_logps: Tensor,
+    sampling_logps: Tensor,
+    mask: Tensor,
+    ratio: Tensor,
+    mode: str = "sequence_mask",
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
+) -> dict[str, Tensor]:
+    """The mismatch metrics TRL 1.16 logs for one generation batch (``_generate_and_score_completions``),
+    plus the fraction of ratios its bounds changed:
+
+        sampling/sampling_logp_difference/{mean,max}: |old - sampling| over mask == 1 tokens, NaN ones left out
+        sampling/importance_sampling_ratio/{min,mean,max}: ``ratio`` (after the bounds) over mask == 1
+            tokens (token modes) or over every row (sequence modes)
+        sampling/importance_sampling_ratio/{masked,truncated}_fraction: the share of those ratios outside
+            [clip_min, clip_max] before the bounds, i.e. zeroed (*_mask) or clamped (*_truncate); not in TRL
+
+    An empty selection gives 0, as TRL.
+    """
+    m = mask.bool()
+    delta = torch.abs(old_logps - sampling_logps)
+    delta = delta[m & ~torch.isnan(delta)]
+    zero = old_logps.new_zeros(())
+    raw = torch.exp(_is_log_ratio(old_logps, sampling_logps, mask, mode))
+    low = clip_min if clip_min is not None else -math.inf
+    high = clip_max if clip_max is not None else math.inf
+    outside = (raw < low) | (raw > high)
+    if mode.startswith("sequence"):
+        flat, outside = ratio.flatten(), outside.flatten()
+    else:
+        flat, outside = ratio[m], outside[m]
+    kind = "masked" if mode.endswith("_mask") else "truncated"
+
+    def reduce(x: Tensor, fn) -> Tensor:
+        return fn(x) if x.numel() > 0 else zero
+
+    return {
+        "sampling/sampling_logp_difference/mean": reduce(delta, torch.mean),
+        "sampling/sampling_logp_difference/max": reduce(delta, torch.max),
+        "sampling/importance_sampling_ratio/min": reduce(flat, torch.min),
+        "sampling/importance_sampling_ratio/mean": reduce(flat, torch.mean),
+        "sampling/importance_sampling_ratio/max": reduce(flat, torch.max),
+        f"sampling/importance_sampling_ratio/{kind}_fraction": reduce(outside.to(zero.dtype), torch.mean),
+    }
+
+
 # --------------------------------------------------------------------------------------------- loss
 @dataclass
 class GRPOStats:
@@ -434,6 +548,7 @@ def grpo_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     num_sequences: int | float | Tensor | None = None,
     importance_sampling_level: str = "token",
+    importance_sampling_ratio: Tensor | None = None,
 ) -> tuple[Tensor, GRPOStats]:
     """Clipped GRPO surrogate with optional k3 KL penalty; returns (scalar loss, stats).
 
@@ -455,6 +570,10 @@ def grpo_loss(
     (default for bnpo: sum m, these rows' active tokens; required for dapo). Pass the counts of a larger
     batch to score its micro-batches so that their losses add up to the batch's loss:
     ``loss_normalizer`` gives them for an accumulation window on R ranks, as TRL normalises.
+
+    ``importance_sampling_ratio`` ((N, T) or (N, 1), from ``importance_sampling_correction``): completions
+    sampled by another engine; it multiplies the clipped surrogate term, before the KL term is added (TRL
+    1.16 ``_compute_loss``): l = -min(...) * rho + beta * k3. None (default) leaves the loss as it was.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -473,6 +592,9 @@ def grpo_loss(
     n_seq = logps.shape[0]
     if advantages.shape not in ((n_seq,), (n_seq, 1)):
         raise ValueError(f"advantages must be ({n_seq},) or ({n_seq}, 1), got {tuple(advantages.shape)}")
+    if importance_sampling_ratio is not None and importance_sampling_ratio.shape not in (logps.shape, (n_seq, 1)):
+        raise ValueError(f"importance_sampling_ratio must be {tuple(logps.shape)} or ({n_seq}, 1), "
+                         f"got {tuple(importance_sampling_ratio.shape)}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (the reference model's per-token log-probs)")
     if loss_type == "dr_grpo" and not max_completion_length:
@@ -493,6 +615,8 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)  # (N, T) or (N, 1)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if importance_sampling_ratio is not None:
+        per_token = per_token * importance_sampling_ratio
     per_token_kl = kl_k3(logps, ref_logps) if ref_logps is not None else None
     if beta != 0.0:
         per_token = per_token + beta * per_token_kl

@@ -55,12 +55,11 @@ def normalise_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def identity_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(setting, saved value, current value)`` for each setting that differs; a setting present on one side
-    only shows ``<not recorded>`` on the other."""
+    """``(setting, saved value, current value)`` for each setting recorded on both sides that differs. A setting
+    the checkpoint did not record (written by a version that did not have it) is not compared, so adding a
+    setting to the identity never locks older checkpoints out."""
     saved, current = normalise_identity(saved), normalise_identity(current)
-    missing = "<not recorded>"
-    return [(k, saved.get(k, missing), current.get(k, missing))
-            for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
+    return [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
 
 
 def format_changes(changes: list[tuple[str, Any, Any]]) -> str:

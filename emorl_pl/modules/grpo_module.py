@@ -7,7 +7,9 @@ only orders the calls, handles micro-batching / accumulation, and logs.
 GRPO runs in windows of ``accumulate_grad_batches`` (k) batches, as TRL's generation batch:
   1. each batch: prompts (chat template + audio) -> audio encoded once -> G samples per utterance ->
      rewards (weighted ESWR + format, ...) -> group-relative advantages; kept until the window is full
-  2. at the window's last batch: reference and old (sampling-policy) log-probs, no grad
+  2. at the window's last batch: reference and old (sampling-policy) log-probs, no grad; for rollouts an
+     inference engine sampled (``Rollout.sampling_logps``), TRL's importance-sampling weights of the
+     trainer's old log-probs against the engine's (``emorl_pl.grpo.importance_sampling_correction``)
   3. ``num_iterations`` (mu) optimizer steps, each over every batch of the window in micro-batches:
      policy log-probs under the current weights -> clipped GRPO loss -> manual_backward; clip, step,
      schedule. So one generation feeds mu optimizer steps (TRL's semantics): from the second on, the
@@ -88,6 +90,14 @@ class GRPOModule(L.LightningModule):
             greedy decoding's metrics.
         sampling_seed: sampling and dropout are seeded from (sampling_seed, step, accumulation index,
             rank), so a resumed run samples exactly what an uninterrupted one would.
+        vllm_importance_sampling_correction: for rollouts that carry the sampling engine's log-probs
+            (``Rollout.sampling_logps``, e.g. from vLLM), weight each completion's surrogate loss by
+            pi_trainer / pi_engine, as TRL 1.16 (its names and defaults); the mismatch is logged under
+            ``sampling/``. No effect on rollouts the trainer sampled itself.
+        vllm_importance_sampling_mode: ``token_truncate``, ``token_mask``, ``sequence_truncate`` or
+            ``sequence_mask``: one ratio per token or per completion, clamped to or zeroed outside the bounds.
+        vllm_importance_sampling_clip_max / vllm_importance_sampling_clip_min: the bounds [C_min, C_max]
+            (None: unbounded on that side).
     """
 
     def __init__(
@@ -124,6 +134,10 @@ class GRPOModule(L.LightningModule):
         eval_samples: int = 0,
         eval_temperature: float = 1.0,
         sampling_seed: int = 0,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_mode: str = "sequence_mask",
+        vllm_importance_sampling_clip_max: float | None = 3.0,
+        vllm_importance_sampling_clip_min: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "optimizer"])
@@ -149,6 +163,11 @@ class GRPOModule(L.LightningModule):
         if importance_sampling_level not in grpo.IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"importance_sampling_level must be one of {list(grpo.IMPORTANCE_SAMPLING_LEVELS)}, "
                              f"got {importance_sampling_level!r}")
+        if not isinstance(vllm_importance_sampling_correction, bool):
+            raise ValueError("vllm_importance_sampling_correction must be true or false, "
+                             f"got {vllm_importance_sampling_correction!r}")
+        grpo.check_is_correction(vllm_importance_sampling_mode, vllm_importance_sampling_clip_max,
+                                 vllm_importance_sampling_clip_min)
         self.optimizer_factory = optimizer
         self.prompt = prompt if prompt is not None else PromptTemplate()
         self.instruction = self.prompt.user_text(self.mode, self.labels)
@@ -358,9 +377,17 @@ class GRPOModule(L.LightningModule):
             plans = [p + [None] * (int(c) - len(p)) for p, c in zip(plans, counts)]
         with torch.no_grad():
             for gen, plan in zip(window, plans):
-                # The sampling policy's log-probs: only needed when the weights move before a pass (mu > 1).
+                correct = hp.vllm_importance_sampling_correction and gen.rollout.sampling_logps is not None
+                # The sampling policy's log-probs: needed when the weights move before a pass (mu > 1) and, as
+                # TRL does with vLLM, to weigh an engine's samples by the trainer's probability of them.
                 gen.ref = self._logps_no_grad(gen.rollout, plan, reference=True) if hp.beta > 0 else None
-                gen.old = self._logps_no_grad(gen.rollout, plan, reference=False) if hp.num_iterations > 1 else None
+                gen.old = (self._logps_no_grad(gen.rollout, plan, reference=False)
+                           if hp.num_iterations > 1 or correct else None)
+                if correct:
+                    gen.is_ratio = grpo.importance_sampling_correction(
+                        gen.old, self._sampling_logps(gen), gen.mask, hp.vllm_importance_sampling_mode,
+                        hp.vllm_importance_sampling_clip_max, hp.vllm_importance_sampling_clip_min,
+                    )
         iterations = hp.num_iterations
         if self.trainer.max_steps is not None and self.trainer.max_steps > 0:
             iterations = max(1, min(iterations, self.trainer.max_steps - self.global_step))
@@ -385,7 +412,8 @@ class GRPOModule(L.LightningModule):
                     gen.mask[rows] * (0.0 if pad else 1.0),
                     beta=hp.beta, epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high,
                     loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens,
-                    importance_sampling_level=hp.importance_sampling_level, **norm,
+                    importance_sampling_level=hp.importance_sampling_level,
+                    importance_sampling_ratio=None if gen.is_ratio is None else gen.is_ratio[rows], **norm,
                 )
                 # Gradients are reduced across ranks once per optimizer step: at its last backward.
                 with self._backward_sync(i == len(passes) - 1):
@@ -396,7 +424,38 @@ class GRPOModule(L.LightningModule):
                 for key, value in _stats_dict(stats).items():
                     stats_acc[key] = stats_acc.get(key, 0.0) + value * weight
             grad_norm = self._optimizer_step()
+        stats_acc.update(self._mismatch_stats(window))
         return loss_total, stats_acc, grad_norm
+
+    def _sampling_logps(self, gen: _Generation) -> torch.Tensor:
+        """The engine's per-token log-probs of a rollout, checked against its completions."""
+        logps = gen.rollout.sampling_logps
+        if logps.shape != gen.rollout.completion_ids.shape:
+            raise ValueError(f"Rollout.sampling_logps must have the completions' shape "
+                             f"{tuple(gen.rollout.completion_ids.shape)}, got {tuple(logps.shape)}")
+        return logps.to(device=gen.old.device, dtype=gen.old.dtype)
+
+    def _mismatch_stats(self, window: list[_Generation]) -> dict[str, float]:
+        """TRL's engine / trainer mismatch metrics over the window (TRL's generation batch), on this rank;
+        dynamically dropped rows are left out (their old log-probs are never computed)."""
+        hp = self.hparams
+        gens = [g for g in window if g.is_ratio is not None]
+        if not gens:
+            return {}
+        width = max(g.mask.shape[1] for g in gens)
+
+        def rows(x: torch.Tensor, g: _Generation, per_token: bool = True) -> torch.Tensor:
+            x = x[g.keep]  # padded past a batch's own length with mask 0, as TRL pads its batch
+            return torch.nn.functional.pad(x, (0, width - x.shape[1])) if per_token else x
+
+        per_token = not hp.vllm_importance_sampling_mode.startswith("sequence")  # else (N, 1) ratios
+        stats = grpo.importance_sampling_stats(
+            torch.cat([rows(g.old, g) for g in gens]), torch.cat([rows(self._sampling_logps(g), g) for g in gens]),
+            torch.cat([rows(g.mask, g) for g in gens]), torch.cat([rows(g.is_ratio, g, per_token) for g in gens]),
+            hp.vllm_importance_sampling_mode, hp.vllm_importance_sampling_clip_max,
+            hp.vllm_importance_sampling_clip_min,
+        )
+        return {k: float(v) for k, v in stats.items()}
 
     def _backward_sync(self, sync: bool):
         """Lightning's parallel strategies skip the gradient all-reduce (DDP ``no_sync``; FSDP2: see
@@ -632,6 +691,8 @@ IDENTITY_HPARAMS = (
     "mode", "group_size", "temperature", "top_p", "top_k", "max_new_tokens", "use_transcripts", "beta",
     "epsilon_low", "epsilon_high", "loss_type", "importance_sampling_level", "scale_rewards", "num_iterations",
     "mask_truncated", "dynamic_sampling", "accumulate_grad_batches", "sft_steps", "sampling_seed",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min",
 )
 
 
@@ -678,7 +739,8 @@ class _Generation:
     """One batch's rollout and scores, kept until its window's updates (``GRPOModule._update``).
 
     ``mask``: the completion mask with dynamically dropped rows zeroed; ``ref`` / ``old``: (N, T)
-    reference and sampling-policy log-probs, filled at the window's end.
+    reference and sampling-policy log-probs, filled at the window's end; ``is_ratio``: the importance-
+    sampling weights of an engine's rollout ((N, T) or (N, 1)), also filled then.
     """
 
     rollout: Rollout
@@ -692,3 +754,4 @@ class _Generation:
     progress: float
     ref: torch.Tensor | None = None
     old: torch.Tensor | None = None
+    is_ratio: torch.Tensor | None = None

@@ -34,6 +34,10 @@ class Rollout:
     truncated: Tensor  # (B*G,) bool: no EOS within max_new_tokens
     texts: list[str]  # decoded, special tokens stripped
     group_size: int
+    # (B*G, T) log-probs of the sampled tokens under the engine that sampled them (e.g. vLLM), at the
+    # sampling temperature; None when the trainer's own decode sampled. GRPOModule then corrects for the
+    # engine / trainer mismatch by importance sampling (``emorl_pl.grpo.importance_sampling_correction``).
+    sampling_logps: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
