@@ -86,7 +86,11 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     try:
         # Imported here: the CPU vLLM environment has no torchaudio (scripts/vllm_cpu_env.sh), and only
         # resampling needs it.
-        import torchaudio.functional as AF
+        try:
+            import torchaudio.functional as AF
+        except ImportError as e:  # the vLLM environment has none
+            raise ImportError(f"resampling {sr_in} -> {sr_out} Hz needs torchaudio, which this environment lacks: "
+                              "give 16 kHz audio (emorl-data writes 16 kHz shards) or install torchaudio") from e
 
         y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), int(sr_in), int(sr_out))
     finally:

@@ -44,6 +44,7 @@ from emorl_pl.modules.sampling import (
     warp_logits,
 )
 from emorl_pl.modules.sharding import full_state_dict_cpu, is_sharded, shard_model
+from emorl_pl.modules.vllm_engine import ROLLOUT_ENGINES, VLLMColocateEngine, VLLMSettings, pack_completions
 
 __all__ = ["AudioLMPolicy", "LoraSettings", "PromptEmbeds", "Prompts", "Rollout", "sample_categorical",
            "warp_logits"]
@@ -76,6 +77,25 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s weights under the plain model's names, each LoRA layer's update added to its base weight
+    out of place (the model is not touched, so training goes on bit-for-bit)."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters and not module.disable_adapters:
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            deltas[f"{name}.base_layer.weight"] = delta
+    out = {}
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if "lora_" in name:
+                continue
+            out[name.replace(".base_layer.", ".")] = value + deltas[name] if name in deltas else value
+    return out
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -114,6 +134,12 @@ class AudioLMPolicy(nn.Module):
     ``disable_dropout: true``): every dropout is set to 0. Either way the policy is in training mode after
     ``load`` (Hugging Face gradient checkpointing only runs in training mode).
 
+    ``rollout_engine``: "fused" (default) samples with the decode above; "vllm" with a colocated vLLM engine
+    (``vllm_engine.py``; settings in ``vllm``): it gets the rendered prompt texts and the audio arrays,
+    returns the sampled tokens with their sampling log-probs (``Rollout.sampling_logps``, for the module's
+    importance-sampling correction), and gets the current weights (LoRA merged) whenever they changed since
+    its last rollout. One process only in this version.
+
     ``share_prompt_kv``: ``completion_logps`` prefills each utterance's prompt once and indexes its
     keys/values out to the G rows that share it (default); False runs every row's full sequence, as the
     model's forward would (same values; for comparison).
@@ -134,6 +160,8 @@ class AudioLMPolicy(nn.Module):
         decoding: Literal["loop", "generate"] = "loop",
         share_prompt_kv: bool = True,
         dropout: bool = True,
+        rollout_engine: Literal["fused", "vllm"] = "fused",
+        vllm: VLLMSettings | None = None,
     ) -> None:
         super().__init__()
         if not build_tiny_if_missing and not Path(model_dir).is_dir():
@@ -149,6 +177,13 @@ class AudioLMPolicy(nn.Module):
             raise ValueError(f"fused_decode must be one of {list(FUSED_DECODE_MODES)}, got {fused_decode!r}")
         if decoding not in DECODING_MODES:
             raise ValueError(f"decoding must be one of {list(DECODING_MODES)}, got {decoding!r}")
+        if rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout_engine must be one of {list(ROLLOUT_ENGINES)}, got {rollout_engine!r}")
+        self.rollout_engine = rollout_engine
+        self.vllm_settings = vllm if vllm is not None else VLLMSettings()
+        self._engine: VLLMColocateEngine | None = None  # built at the first vLLM rollout
+        self._engine_weights_dir: Path | None = None
+        self._engine_synced_version = -1  # sum of the parameters' in-place update counters at the last sync
         self.model_dir = model_dir
         self.model_class = model_class
         self.dtype_name = dtype
@@ -369,6 +404,8 @@ class AudioLMPolicy(nn.Module):
         tokens = SpecialTokens(self.eos_token_ids, self.pad_token_id, self.audio_token_ids)
         settings = SamplingSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                     top_k=top_k, top_p=top_p, synced_gpus=synced_gpus)
+        if self.rollout_engine == "vllm":
+            return self._engine_rollout(pe, group_size, settings, mask_truncated)
         with _eval_mode(self._hf):  # no dropout / checkpointing during sampling
             self.family.reset_state(self._hf)
             if self.decoding == "loop" and sampling.loop_supported(self.family.decoder(self._hf), pe):
@@ -380,6 +417,71 @@ class AudioLMPolicy(nn.Module):
         ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size)
+
+    # ------------------------------------------------------------------------------------------ vLLM engine
+    def _engine_rollout(self, pe: PromptEmbeds, group_size: int, settings: SamplingSettings,
+                        mask_truncated: bool) -> Rollout:
+        """``rollout`` on the vLLM engine: same prompts, same sampling; per-request seeds from torch's RNG,
+        which the module seeds per step and rank (``seeded_rng``), so a resumed run draws the same seeds."""
+        engine = self.engine()
+        self.sync_engine_weights()
+        prompts = pe.prompts
+        if len(prompts.texts) != len(prompts) or len(prompts.audio) != len(prompts):
+            raise ValueError("rollout_engine='vllm' needs prompts from build_prompts (their texts and audio)")
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        samples = engine.sample(prompts.texts, prompts.audio, self.processor.feature_extractor.sampling_rate,
+                                group_size, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                top_p=settings.top_p, top_k=settings.top_k, greedy=not settings.do_sample, seeds=seeds)
+        ids, logps, truncated = pack_completions(samples, settings.max_new_tokens, self.pad_token_id,
+                                                 self.eos_token_ids)
+        device = pe.input_ids.device
+        ids = ids.to(device)
+        mask = completion_mask(ids, self.eos_token_ids, mask_truncated=mask_truncated)
+        ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
+        texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollout(pe, ids, mask, truncated.to(device), texts, group_size,
+                       sampling_logps=logps.to(device) if settings.do_sample else None)
+
+    def engine(self) -> VLLMColocateEngine:
+        """The colocated vLLM engine over ``model_dir`` (built once; its weights are synced before each use)."""
+        if self._engine is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                    torch.distributed.get_world_size() > 1:
+                raise NotImplementedError("rollout_engine='vllm' runs on one process in this version; use "
+                                          "rollout_engine='fused' with several processes")
+            self.load()
+            self._engine = VLLMColocateEngine(self.model_dir, self.vllm_settings, stop_token_ids=self.eos_token_ids,
+                                              suppressed_token_ids=self.audio_token_ids)
+        return self._engine
+
+    def _weights_version(self) -> int:
+        # Every in-place update (optimizer step, cold-start fold, checkpoint load) bumps a tensor's counter.
+        return sum(p._version for p in self._hf.parameters())
+
+    def sync_engine_weights(self) -> bool:
+        """Give the engine the current weights (LoRA merged, out of place) if they changed since the last sync;
+        returns whether it did. Written in the hub layout to a scratch folder and reloaded by vLLM in place."""
+        version = self._weights_version()
+        if version == self._engine_synced_version:
+            return False
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from emorl_pl.modules.hub_layout import hub_key_map, meta_model
+
+        if self._engine_weights_dir is None:
+            self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-"))
+        names = hub_key_map(meta_model(self.model_dir))
+        state = merged_state_dict(self._hf)
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise RuntimeError(f"the engine needs weights the policy does not have: {missing[:5]}")
+        save_file({names[k]: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names},
+                  str(self._engine_weights_dir / "model.safetensors"), metadata={"format": "pt"})
+        self.engine().load_weights(self._engine_weights_dir)
+        self._engine_synced_version = version
+        return True
 
     def greedy(
         self, prompts: Prompts | PromptEmbeds, max_new_tokens: int = 64, synced_gpus: bool | None = None

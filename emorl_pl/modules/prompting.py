@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,13 +26,19 @@ class Prompts:
     feature_attention_mask: Tensor  # (B, frames)
     # Per utterance: seconds of audio past the encoder window, cropped before the model saw it (0.0 if none).
     seconds_ignored: tuple[float, ...] = ()
+    # What an inference engine gets (``emorl_pl.modules.vllm_engine``): each rendered prompt with one audio
+    # placeholder per audio (the engine expands it; a pre-expanded id run is silently misplaced by vLLM), and
+    # the cropped audio at the feature extractor's rate.
+    texts: tuple[str, ...] = ()
+    audio: tuple[Any, ...] = ()
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Prompts:
         return Prompts(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.input_features,
-                                                  self.feature_attention_mask)), seconds_ignored=self.seconds_ignored)
+                                                  self.feature_attention_mask)), seconds_ignored=self.seconds_ignored,
+                       texts=self.texts, audio=self.audio)
 
 
 @dataclass
@@ -144,7 +151,11 @@ def build_prompts(
         if wave.dim() != 1 or wave.numel() == 0:
             raise ValueError(f"waveforms[{i}] must be a non-empty 1-D tensor, got shape {tuple(wave.shape)}")
         if sample_rate != fe.sampling_rate:
-            import torchaudio.functional as AF
+            try:
+                import torchaudio.functional as AF
+            except ImportError as e:  # the vLLM environment has none
+                raise ImportError(f"resampling {sample_rate} -> {fe.sampling_rate} Hz needs torchaudio, which this environment lacks: "
+                                  "give 16 kHz audio (emorl-data writes 16 kHz shards) or install torchaudio") from e
 
             wave = AF.resample(wave, sample_rate, fe.sampling_rate)
         audio.append(wave[: fe.n_samples].cpu().numpy())
@@ -168,4 +179,6 @@ def build_prompts(
         input_features=out["input_features"].to(dtype),
         feature_attention_mask=out["feature_attention_mask"],
         seconds_ignored=tuple(ignored),
+        texts=tuple(prompts),
+        audio=tuple(audio),
     ).to(device)

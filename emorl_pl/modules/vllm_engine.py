@@ -1,0 +1,133 @@
+"""Rollouts on vLLM, colocated: an in-process ``vllm.LLM`` on the trainer's devices samples the GRPO groups.
+
+What the engine gets is exactly our prompt: the chat template applied once, by our code
+(``Prompts.texts``, one ``<|AUDIO|>`` per audio, which vLLM expands itself: given the pre-expanded id run
+that transformers takes, vLLM misplaces the audio without an error), plus the cropped audio arrays at the
+feature extractor's rate (``Prompts.audio``). Sampling is ours: n = G, temperature, top-p, top-k,
+``max_new_tokens``, the audio special tokens suppressed, stop at ``<|im_end|>`` / eos, one seed per request.
+It returns the sampled token ids and each token's log-prob under the sampling distribution
+(``logprobs_mode="processed_logprobs"``: after temperature and the token bias, as TRL asks vLLM for them),
+which the trainer uses for the train/inference importance-sampling correction (``emorl_pl.grpo``).
+
+Weights reach the engine through vLLM's own in-place reload (``Worker.reload_weights`` by
+``LLM.collective_rpc``) from a folder in the hub's key layout, written by ``emorl_pl.modules.hub_layout``.
+
+Needs vLLM (on CPU: ``bash scripts/vllm_cpu_env.sh``, see README); imported only when an engine is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ROLLOUT_ENGINES = ("fused", "vllm")
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """Engine options (``gpu_memory_utilization`` and ``enable_sleep_mode`` act on GPU only)."""
+
+    max_model_len: int = 4096
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.3
+    enable_sleep_mode: bool = False
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    """One sampled completion: its token ids (the stop token included when it stopped on one) and each
+    token's log-prob under the sampling distribution."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+class VLLMColocateEngine:
+    """A ``vllm.LLM`` in this process over ``model_dir`` (hub key layout)."""
+
+    def __init__(self, model_dir: str | Path, settings: VLLMSettings = VLLMSettings(),
+                 stop_token_ids: Sequence[int] = (), suppressed_token_ids: Sequence[int] = ()) -> None:
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(model=str(model_dir), dtype=settings.dtype, max_model_len=settings.max_model_len,
+                                      enforce_eager=settings.enforce_eager, seed=settings.seed,
+                                      logprobs_mode="processed_logprobs")
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
+                          enable_sleep_mode=settings.enable_sleep_mode)
+        self.llm = LLM(**kwargs)
+        self.stop_token_ids = list(stop_token_ids)
+        # -inf would make the processed log-probs of other tokens renormalise over a smaller set exactly as
+        # our decode's suppression does; vLLM clamps the bias, so a large negative value stands for it.
+        self.logit_bias = {int(t): -100.0 for t in suppressed_token_ids}
+
+    def sample(self, texts: Sequence[str], audio: Sequence[Any], sample_rate: int, n: int, *, max_new_tokens: int,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
+               seeds: Sequence[int] | None = None) -> list[list[EngineSample]]:
+        """``n`` completions for each (prompt text, audio); per request ``seeds[i]`` (reproducible draws)."""
+        from vllm import SamplingParams
+
+        if len(texts) != len(audio):
+            raise ValueError(f"got {len(texts)} prompt texts for {len(audio)} audio arrays")
+        requests, params = [], []
+        for i, (text, wave) in enumerate(zip(texts, audio)):
+            requests.append({"prompt": text, "multi_modal_data": {"audio": (wave, sample_rate)}})
+            params.append(SamplingParams(
+                n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k,
+                seed=None if seeds is None else int(seeds[i]), stop_token_ids=self.stop_token_ids,
+                logit_bias=self.logit_bias or None, logprobs=0, skip_special_tokens=True,
+            ))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [[EngineSample(tuple(c.token_ids), tuple(_sampled_logprobs(c))) for c in out.outputs]
+                for out in outputs]
+
+    def load_weights(self, model_dir: str | Path) -> None:
+        """Reload every weight in place from ``model_dir`` (hub key layout), vLLM's own RL reload path."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir),
+                                                          "is_checkpoint_format": True})
+        # The worker drops its encoder outputs on reload but the scheduler would still count on them ("Encoder
+        # cache miss"), and cached prefixes / audio features were computed with the old weights.
+        engine = self.llm.llm_engine
+        engine.reset_encoder_cache()
+        engine.reset_mm_cache()
+        engine.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+
+def _sampled_logprobs(completion: Any) -> list[float]:
+    """The sampled token's log-prob at each position (vLLM returns it first, with ``logprobs=0``)."""
+    return [lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs)]
+
+
+def pack_completions(samples: Sequence[Sequence[EngineSample]], max_new_tokens: int, pad_id: int,
+                     stop_ids: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows b*G + g as the trainer's decode lays them out: ``(ids (N, T) right-padded with pad_id, log-probs
+    (N, T) zero-padded, truncated (N,) bool: no stop token)``, T the longest completion (<= max_new_tokens)."""
+    rows = [s for group in samples for s in group]
+    longest = max((len(s.token_ids) for s in rows), default=0)
+    if longest > max_new_tokens:
+        raise ValueError(f"the engine returned {longest} tokens, more than max_new_tokens={max_new_tokens}")
+    T = max(longest, 1)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    logps = torch.zeros((len(rows), T), dtype=torch.float32)
+    stops = set(stop_ids)
+    truncated = torch.ones(len(rows), dtype=torch.bool)
+    for r, s in enumerate(rows):
+        k = len(s.token_ids)
+        ids[r, :k] = torch.tensor(s.token_ids, dtype=torch.long)
+        logps[r, :k] = torch.tensor(s.logprobs, dtype=torch.float32)
+        truncated[r] = not (k and s.token_ids[-1] in stops)
+    return ids, logps, truncated
