@@ -45,6 +45,7 @@ from emorl_pl.modules.sampling import (
 )
 from emorl_pl.modules.sharding import full_state_dict_cpu, is_sharded, shard_model
 from emorl_pl.modules.vllm_engine import ROLLOUT_ENGINES, VLLMColocateEngine, VLLMSettings, pack_completions
+from emorl_pl.rollout_server import ServerEngine
 
 __all__ = ["AudioLMPolicy", "LoraSettings", "PromptEmbeds", "Prompts", "Rollout", "sample_categorical",
            "warp_logits"]
@@ -77,6 +78,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -442,16 +448,23 @@ class AudioLMPolicy(nn.Module):
         return Rollout(pe, ids, mask, truncated.to(device), texts, group_size,
                        sampling_logps=logps.to(device) if settings.do_sample else None)
 
-    def engine(self) -> VLLMColocateEngine:
-        """The colocated vLLM engine over ``model_dir`` (built once; its weights are synced before each use)."""
+    def engine(self) -> VLLMColocateEngine | ServerEngine:
+        """The vLLM engine: colocated over ``model_dir``, or the client of an ``emorl-rollout-server`` (built
+        once; the weights are synced before each use)."""
         if self._engine is None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                    torch.distributed.get_world_size() > 1:
-                raise NotImplementedError("rollout_engine='vllm' runs on one process in this version; use "
-                                          "rollout_engine='fused' with several processes")
             self.load()
-            self._engine = VLLMColocateEngine(self.model_dir, self.vllm_settings, stop_token_ids=self.eos_token_ids,
-                                              suppressed_token_ids=self.audio_token_ids)
+            if self.is_sharded:
+                raise NotImplementedError("rollout_engine='vllm' with a sharded (FSDP2) policy is not supported in "
+                                          "this version; use DDP or one process, or rollout_engine='fused'")
+            if self.vllm_settings.mode == "server":
+                self._engine = ServerEngine(self.vllm_settings.server_url)
+            else:
+                if _world_size() > 1:
+                    raise NotImplementedError("a colocated vLLM engine runs on one process in this version; with "
+                                              "several ranks use vllm: {mode: server, server_url: ...}")
+                self._engine = VLLMColocateEngine(self.model_dir, self.vllm_settings,
+                                                  stop_token_ids=self.eos_token_ids,
+                                                  suppressed_token_ids=self.audio_token_ids)
         return self._engine
 
     def _weights_version(self) -> int:
@@ -461,25 +474,38 @@ class AudioLMPolicy(nn.Module):
     def sync_engine_weights(self) -> bool:
         """Give the engine the current weights (LoRA merged, out of place) if they changed since the last sync;
         returns whether it did. Written in the hub layout to a scratch folder and reloaded by vLLM in place."""
+        engine = self.engine()
         version = self._weights_version()
-        if version == self._engine_synced_version:
+        changed = version != self._engine_synced_version
+        ranks = _world_size()
+        if ranks > 1:  # one server for every rank: all agree, rank 0 sends, the others wait for it
+            flag = torch.tensor([int(changed)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            changed = bool(flag.item())
+        if not changed:
             return False
-        import tempfile
+        if ranks == 1 or torch.distributed.get_rank() == 0:
+            import tempfile
 
-        from safetensors.torch import save_file
+            from safetensors.torch import save_file
 
-        from emorl_pl.modules.hub_layout import hub_key_map, meta_model
+            from emorl_pl.modules.hub_layout import hub_key_map, meta_model
 
-        if self._engine_weights_dir is None:
-            self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-"))
-        names = hub_key_map(meta_model(self.model_dir))
-        state = merged_state_dict(self._hf)
-        missing = sorted(set(names) - set(state))
-        if missing:
-            raise RuntimeError(f"the engine needs weights the policy does not have: {missing[:5]}")
-        save_file({names[k]: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names},
-                  str(self._engine_weights_dir / "model.safetensors"), metadata={"format": "pt"})
-        self.engine().load_weights(self._engine_weights_dir)
+            if self._engine_weights_dir is None:
+                root = self.vllm_settings.weights_dir
+                if root is not None:
+                    Path(root).mkdir(parents=True, exist_ok=True)
+                self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-", dir=root))
+            names = hub_key_map(meta_model(self.model_dir))
+            state = merged_state_dict(self._hf)
+            missing = sorted(set(names) - set(state))
+            if missing:
+                raise RuntimeError(f"the engine needs weights the policy does not have: {missing[:5]}")
+            save_file({names[k]: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names},
+                      str(self._engine_weights_dir / "model.safetensors"), metadata={"format": "pt"})
+            engine.load_weights(self._engine_weights_dir)
+        if ranks > 1:
+            torch.distributed.barrier()  # no rank samples before the server has the new weights
         self._engine_synced_version = version
         return True
 

@@ -28,16 +28,34 @@ from torch import Tensor
 ROLLOUT_ENGINES = ("fused", "vllm")
 
 
+VLLM_MODES = ("colocate", "server")
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
-    """Engine options (``gpu_memory_utilization`` and ``enable_sleep_mode`` act on GPU only)."""
+    """Engine options. ``mode``: "colocate" (an engine in this process; ``gpu_memory_utilization`` and
+    ``enable_sleep_mode`` act on GPU only) or "server" (``emorl-rollout-server`` at ``server_url``, which
+    reloads weights from ``weights_dir``: a folder both sides can read; None: a scratch folder, for a server on
+    this machine)."""
 
+    mode: str = "colocate"
+    server_url: str | None = None
+    weights_dir: str | None = None
     max_model_len: int = 4096
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.3
     enable_sleep_mode: bool = False
     enforce_eager: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in VLLM_MODES:
+            raise ValueError(f"vllm.mode must be one of {list(VLLM_MODES)}, got {self.mode!r}")
+        if self.mode == "server" and not self.server_url:
+            raise ValueError("vllm.mode 'server' needs vllm.server_url (http://HOST:PORT of emorl-rollout-server)")
+        if not 0 < self.gpu_memory_utilization <= 1 or self.max_model_len < 1:
+            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1] and max_model_len >= 1, got "
+                             f"{self.gpu_memory_utilization}, {self.max_model_len}")
 
 
 @dataclass(frozen=True)

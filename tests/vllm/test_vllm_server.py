@@ -1,0 +1,93 @@
+"""``emorl-rollout-server``: one vLLM engine in its own process serving the trainer's rollouts: the policy's
+greedy answers through it equal the fused decode's on the current LoRA weights, and two DDP ranks train
+against it. The trainer processes run in the training environment (torch 2.11, no vLLM) when it is there,
+as a user would split them. CPU vLLM environment only (see test_vllm_rollout.py)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+from emorl_pl.modules.tiny import build_real_shape_qwen2_audio
+from emorl_pl.modules.vllm_engine import VLLMSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = build_real_shape_qwen2_audio(tmp_path_factory.mktemp("vllm_server") / "model", hidden_size=128,
+                                             num_heads=2, num_kv_heads=1, audio_heads=1)
+    log = tmp_path_factory.mktemp("server_log") / "server.log"
+    cmd = [str(Path(sys.executable).with_name("emorl-rollout-server")), "--model-dir", str(model_dir), "--port", "0",
+           "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    deadline = time.time() + 600
+    url = None
+    while url is None:
+        found = re.search(r"serving .* on (http://\S+)", log.read_text())
+        url = found.group(1) if found else None
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(1)
+    yield model_dir, url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_policy_through_the_server_decodes_the_current_lora_weights(server):
+    model_dir, url = server
+    lora = LoraSettings(r=4, alpha=8)
+    remote = AudioLMPolicy(str(model_dir), lora=lora, rollout_engine="vllm",
+                           vllm=VLLMSettings(mode="server", server_url=url), dropout=False).load()
+    fused = AudioLMPolicy(str(model_dir), lora=lora, dropout=False).load()
+    rng = np.random.default_rng(2)
+    waves = [torch.tensor(0.2 * rng.standard_normal(int(16000 * s)), dtype=torch.float32) for s in (1.2, 2.0)]
+    prompts = remote.build_prompts(waves, 16000, "Which emotion? One word.")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for name, p in remote.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    fused.load_state_dict(remote.state_dict())
+    assert remote.greedy(prompts, max_new_tokens=16) == fused.greedy(prompts, max_new_tokens=16)
+
+
+def test_two_ddp_ranks_train_against_one_server(server, tmp_path):
+    """2 gloo processes (``strategy: ddp``), one server: 2 GRPO steps, each rank's rollouts from the server,
+    the weights sent once per change by rank 0; the run ends with finite losses and a checkpoint."""
+    model_dir, url = server
+    main_env = REPO / ".venv" / "bin" / "emorl"  # the training environment, if built (CI builds both)
+    emorl = main_env if main_env.exists() else Path(sys.executable).with_name("emorl")
+    args = [
+        "fit", "-c", str(REPO / "tests/configs/tiny_grpo.yaml"), "-c", str(REPO / "tests/configs/ddp.yaml"),
+        "--model.init_args.policy.init_args.model_dir", str(model_dir),
+        "--model.init_args.policy.init_args.rollout_engine", "vllm",
+        "--model.init_args.policy.init_args.vllm", f"{{mode: server, server_url: '{url}'}}",
+        "--model.init_args.sft_steps", "0",
+        "--model.init_args.rewards", "{text_hash: {class_path: resume_helpers.text_hash_reward, weight: 1.0}}",
+        "--data.init_args.root", str(tmp_path / "synth"), "--trainer.max_steps", "2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
+    env.update(PYTHONPATH=str(REPO / "tests"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(emorl), *args], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert any(k.startswith("sampling/importance_sampling_ratio") for k in rows[0])
+    assert (tmp_path / "csv" / "version_0" / "checkpoints" / "last.ckpt").exists()
