@@ -21,14 +21,28 @@ longest prompt (``audio_seconds``) and completions that run to ``max_new_tokens`
 Activation sizes per token and layer were counted from what autograd saves (``saved_tensors_hooks``) in
 a transformers 5.17 Qwen2 decoder layer (sdpa) on torch 2.11, for each precision and LoRA mode
 (``layer_activation_bytes``); everything else is counted from the code that allocates it.
+
+``rollout_engine="vllm"`` (``emorl_pl.modules.vllm_engine``): a colocated ``vllm.LLM`` samples the rollouts.
+It holds its own whole copy of the weights, W = params x b_e (b_e: ``VLLMSettings.dtype``, "auto" = the
+config's 16-bit dtype), and reserves R = max(u x GPU memory, W + A) with u = ``gpu_memory_utilization``:
+vLLM sizes its KV cache pool as what is left of u x GPU after W and its profiled activations A (estimated by
+``engine_activation_bytes``). Without sleep mode R is held throughout; with ``enable_sleep_mode`` the engine
+sleeps (``LLM.sleep(level=1)``: weights to host RAM, KV cache freed) outside the rollout and validation, so
+R only counts there. The trainer's own decode pieces (its KV cache, the gathered units, sampling logits) are
+then not used. ``VLLMSettings``' defaults are read from that module's source (``vllm_engine_defaults``):
+importing it would import torch.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -42,6 +56,56 @@ TEXT_TOKENS_PER_EXTRA_LABEL = 2
 # What a CUDA process holds besides tensors (context, cuBLAS/NCCL workspaces): an allowance, not modelled.
 CUDA_RUNTIME_BYTES = 2 * GiB
 MARGIN = 0.15  # the plan asks for this much headroom below the GPU's memory
+# vLLM's own dtype names (``LLM(dtype=...)``) -> bytes; "auto" resolves to the config's dtype (``engine_dtype``).
+VLLM_DTYPES = {"auto": None, "float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+               "half": "float16"}
+# The engine's profile run (its activation peak, ``engine_activation_bytes``): vLLM forwards a batch of
+# max_num_batched_tokens tokens (V1 picks 8192 to 16384 by GPU and entry point; the smaller is taken) and samples
+# max_num_seqs rows of fp32 logits (default 256). An estimate: CUDA graphs and the encoder cache are not counted.
+VLLM_PROFILE_TOKENS = 8192
+VLLM_MAX_NUM_SEQS = 256
+VLLM_ENGINE_SOURCE = Path(__file__).resolve().parent / "modules" / "vllm_engine.py"
+
+
+# ------------------------------------------------------------------------------------------ the engine's code
+@functools.lru_cache(maxsize=8)
+def _read_engine_source(path: str, mtime_ns: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+    defaults: dict[str, Any] | None = None
+    engines: tuple[str, ...] | None = None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "VLLMSettings":
+            defaults = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    try:
+                        defaults[item.target.id] = ast.literal_eval(item.value)
+                    except ValueError:
+                        raise RuntimeError(f"{path}: VLLMSettings.{item.target.id}'s default is not a literal; "
+                                           "the memory plan reads it from the source") from None
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id == "ROLLOUT_ENGINES"):
+            engines = tuple(ast.literal_eval(node.value))
+    if defaults is None or engines is None:
+        raise RuntimeError(f"{path}: no VLLMSettings dataclass or ROLLOUT_ENGINES tuple to read")
+    return defaults, engines
+
+
+def _engine_source() -> tuple[dict[str, Any], tuple[str, ...]]:
+    path = Path(VLLM_ENGINE_SOURCE)
+    return _read_engine_source(str(path), path.stat().st_mtime_ns)
+
+
+def vllm_engine_defaults() -> dict[str, Any]:
+    """``VLLMSettings``' field defaults as ``emorl_pl.modules.vllm_engine`` defines them, read from its source
+    (``ast``, not an import: that module imports torch, and the plan stays torch-free), so a changed default
+    changes the plan."""
+    return dict(_engine_source()[0])
+
+
+def rollout_engines() -> tuple[str, ...]:
+    """``vllm_engine.ROLLOUT_ENGINES``, read the same way."""
+    return _engine_source()[1]
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -51,6 +115,7 @@ class ModelGeometry:
 
     ``projector``: Qwen2-Audio's linear map from the encoder width to D (with bias); 0 when the encoder
     projects itself. ``window_seconds``: the encoder's fixed input window (audio is padded to it).
+    ``torch_dtype``: the checkpoint's dtype from config.json (None: not given, transformers' float32).
     """
 
     vocab_size: int
@@ -69,6 +134,7 @@ class ModelGeometry:
     max_source_positions: int = 1500
     projector: bool = True
     name: str = "model"
+    torch_dtype: str | None = None  # config.json's dtype of the checkpoint (what vLLM's dtype "auto" follows)
 
     @property
     def kv_dim(self) -> int:
@@ -116,15 +182,26 @@ def total_params(g: ModelGeometry) -> int:
     return lm_params(g) + audio_params(g)
 
 
-def lora_params(g: ModelGeometry, rank: int, targets: Sequence[str] = LM_PROJECTIONS) -> int:
-    """LoRA on the LM's projections: r x (in + out) per targeted projection per layer (A: r x in, B: out x r)."""
+def _projection_shapes(g: ModelGeometry, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each LM projection in ``targets``; an error naming any that is not one."""
     d, kv, inter = g.hidden_size, g.kv_dim, g.intermediate_size
     shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
               "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
     unknown = sorted(set(targets) - set(shapes))
     if unknown:
         raise ValueError(f"LoRA target_modules {unknown} are not LM projections {sorted(shapes)}")
-    return g.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+    return {t: shapes[t] for t in targets}
+
+
+def lora_params(g: ModelGeometry, rank: int, targets: Sequence[str] = LM_PROJECTIONS) -> int:
+    """LoRA on the LM's projections: r x (in + out) per targeted projection per layer (A: r x in, B: out x r)."""
+    shapes = _projection_shapes(g, targets)
+    return g.num_layers * sum(rank * (i + o) for i, o in shapes.values())
+
+
+def lora_target_weight_params(g: ModelGeometry, targets: Sequence[str] = LM_PROJECTIONS) -> int:
+    """The base weights LoRA adapts: in x out per targeted projection per layer (what a merge rewrites)."""
+    return g.num_layers * sum(i * o for i, o in _projection_shapes(g, targets).values())
 
 
 def audio_tokens(seconds: float, window_seconds: float = 30.0) -> int:
@@ -158,6 +235,11 @@ class PlanSettings:
     or else the compute dtype) and ``rollout_gathered`` (the whole model gathered for the rollout, the
     "hybrid engine") describe the issue-12 code; the defaults describe the code before it (an unsharded
     reference copy in the policy dtype on every rank; units gathered one at a time).
+
+    ``rollout_engine`` "vllm": a colocated vLLM engine samples the rollouts (``AudioLMPolicy(rollout_engine=...,
+    vllm=VLLMSettings(...))``); ``vllm_*`` are its ``VLLMSettings`` (None: that dataclass's default, read from
+    ``emorl_pl.modules.vllm_engine``). ``gpu_memory_gib``: the GPU's memory, of which the engine reserves the
+    fraction ``vllm_gpu_memory_utilization`` (needed with the engine only).
     """
 
     batch_size: int
@@ -186,6 +268,12 @@ class PlanSettings:
     reference_sharded: bool = False
     reference_dtype: str | None = None
     rollout_gathered: bool = False
+    rollout_engine: str = "fused"
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_sleep: bool | None = None
+    vllm_dtype: str | None = None
+    vllm_max_model_len: int | None = None
+    gpu_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "group_size", "prompt_tokens", "max_new_tokens", "micro_batch_size",
@@ -202,11 +290,40 @@ class PlanSettings:
             raise ValueError(f"fsdp_sync must be per_step or per_backward, got {self.fsdp_sync!r}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1 or None (full fine-tuning), got {self.lora_rank}")
+        if self.rollout_engine not in rollout_engines():
+            raise ValueError(f"rollout_engine must be one of {rollout_engines()}, got {self.rollout_engine!r}")
+        if self.vllm:
+            if self.device != "cuda":
+                raise ValueError("the vLLM engine is modelled on GPU only (device='cuda')")
+            if self.gpu_memory_gib is None or not self.gpu_memory_gib > 0:
+                raise ValueError("rollout_engine='vllm' reserves a fraction of the GPU's memory: set gpu_memory_gib")
+            if not 0 < self.engine_settings["gpu_memory_utilization"] <= 1:
+                raise ValueError(f"vllm gpu_memory_utilization must be in (0, 1], got "
+                                 f"{self.engine_settings['gpu_memory_utilization']!r}")
+            if self.engine_settings["dtype"] not in VLLM_DTYPES:
+                raise ValueError(f"vllm dtype must be one of {sorted(VLLM_DTYPES)}, got {self.engine_settings['dtype']!r}")
+            if self.engine_settings["max_model_len"] < 1:
+                raise ValueError(f"vllm max_model_len must be >= 1, got {self.engine_settings['max_model_len']}")
 
     # ----------------------------------------------------------------- derived quantities
     @property
     def lora(self) -> bool:
         return self.lora_rank is not None
+
+    @property
+    def vllm(self) -> bool:
+        return self.rollout_engine == "vllm"
+
+    @property
+    def engine_settings(self) -> dict[str, Any]:
+        """The engine's ``VLLMSettings``: the ``vllm_*`` fields given, the dataclass's defaults for the rest."""
+        given = {"gpu_memory_utilization": self.vllm_gpu_memory_utilization, "enable_sleep_mode": self.vllm_sleep,
+                 "dtype": self.vllm_dtype, "max_model_len": self.vllm_max_model_len}
+        return {**vllm_engine_defaults(), **{k: v for k, v in given.items() if v is not None}}
+
+    @property
+    def engine_sleeps(self) -> bool:
+        return self.vllm and bool(self.engine_settings["enable_sleep_mode"])
 
     @property
     def shards(self) -> int:
@@ -404,6 +521,84 @@ def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> 
     return utterances * (g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
 
 
+# ------------------------------------------------------------------------------------------ the vLLM engine
+def engine_dtype(g: ModelGeometry, s: PlanSettings) -> str:
+    """The engine's weight (and KV cache) dtype: ``VLLMSettings.dtype``, or for "auto" the checkpoint's
+    16-bit dtype from config.json (vLLM runs a float32 or dtype-less checkpoint in 16 bits under "auto")."""
+    name = VLLM_DTYPES[s.engine_settings["dtype"]]
+    if name is None:
+        name = g.torch_dtype if g.torch_dtype in ("bfloat16", "float16") else "bfloat16"
+    return name
+
+
+def engine_weight_bytes(g: ModelGeometry, s: PlanSettings) -> float:
+    """W: the engine's own whole copy of the model, every parameter in its dtype (tensor_parallel_size 1)."""
+    return total_params(g) * DTYPE_BYTES[engine_dtype(g, s)]
+
+
+def engine_activation_bytes(g: ModelGeometry, s: PlanSettings) -> float:
+    """A, a small estimate of the activations vLLM profiles before sizing its KV cache: one decoder layer's
+    tensors for ``VLLM_PROFILE_TOKENS`` tokens, (4 D + 2 kv + 3 I) x b_e per token (hidden, residual, normed
+    input, attention output; q, k, v; gate, up and their product), plus fp32 logits for ``VLLM_MAX_NUM_SEQS``
+    rows (V x 4 B each)."""
+    b = DTYPE_BYTES[engine_dtype(g, s)]
+    per_token = 4 * g.hidden_size + 2 * g.kv_dim + 3 * g.intermediate_size
+    return VLLM_PROFILE_TOKENS * per_token * b + VLLM_MAX_NUM_SEQS * g.vocab_size * 4
+
+
+def engine_kv_bytes_per_token(g: ModelGeometry, s: PlanSettings) -> int:
+    """L x 2 (keys, values) x kv x b_e: one token of the engine's KV cache (kv_cache_dtype "auto")."""
+    return g.num_layers * 2 * g.kv_dim * DTYPE_BYTES[engine_dtype(g, s)]
+
+
+def engine_reserved_bytes(g: ModelGeometry, s: PlanSettings) -> float:
+    """R = max(u x GPU, W + A): vLLM takes ``gpu_memory_utilization`` of the GPU as a whole (its KV cache pool is
+    what remains of it after W and A); a fraction too small for W + A still costs W + A (and leaves no cache)."""
+    fraction = s.engine_settings["gpu_memory_utilization"] * s.gpu_memory_gib * GiB
+    return max(fraction, engine_weight_bytes(g, s) + engine_activation_bytes(g, s))
+
+
+def engine_kv_tokens(g: ModelGeometry, s: PlanSettings) -> int:
+    """Tokens the engine's KV cache pool holds: (R - W - A) / (L x 2 x kv x b_e)."""
+    pool = engine_reserved_bytes(g, s) - engine_weight_bytes(g, s) - engine_activation_bytes(g, s)
+    return int(pool // engine_kv_bytes_per_token(g, s))
+
+
+def engine_min_utilization(g: ModelGeometry, s: PlanSettings) -> float:
+    """The smallest ``gpu_memory_utilization`` vLLM starts with: W + A + a KV cache for one ``max_model_len``
+    sequence (vLLM refuses a pool smaller than that), over the GPU's memory."""
+    need = (engine_weight_bytes(g, s) + engine_activation_bytes(g, s)
+            + s.engine_settings["max_model_len"] * engine_kv_bytes_per_token(g, s))
+    return need / (s.gpu_memory_gib * GiB)
+
+
+def _engine_pieces(g: ModelGeometry, s: PlanSettings) -> tuple[Piece, Piece]:
+    """The engine's reservation R as two pieces: its weights W, and the rest (KV cache pool + activations)."""
+    e, w = s.engine_settings, engine_weight_bytes(g, s)
+    dtype = engine_dtype(g, s)
+    r = engine_reserved_bytes(g, s)
+    return (Piece("vLLM engine: its copy of the weights", w,
+                  f"{total_params(g) / 1e9:.2f} B x {DTYPE_BYTES[dtype]} B ({dtype}"
+                  + (": dtype auto" if e["dtype"] == "auto" else "") + "), the whole model on every rank"),
+            Piece("vLLM engine: KV cache pool + activations", r - w,
+                  f"max(gpu_memory_utilization {e['gpu_memory_utilization']:g} x {s.gpu_memory_gib:g} GiB, W + A) - W: "
+                  f"~{engine_kv_tokens(g, s)} tokens of KV + {engine_activation_bytes(g, s) / GiB:.2f} GiB activations"))
+
+
+def _engine_sync(g: ModelGeometry, s: PlanSettings) -> list[Piece]:
+    """``AudioLMPolicy.sync_engine_weights`` before a rollout after the weights changed: ``merged_state_dict``
+    merges one adapted weight at a time (its delta B A x scale, fp32 like the adapters, and the merged sum,
+    promoted to fp32) and moves it to the CPU; without LoRA the state dict is the parameters themselves. On the
+    device: the largest adapted weight's delta and merged copy."""
+    if not s.lora:
+        return []
+    n = max(i * o for i, o in _projection_shapes(g, s.lora_targets).values())
+    merged = max(s.param_bytes, s.trainable_bytes)
+    return [Piece("engine weight sync: one LoRA delta + merged weight", n * (s.trainable_bytes + merged),
+                  f"{n / 1e6:.1f} M weights (the largest adapted projection) x ({s.trainable_bytes} + {merged}) B "
+                  "(merged_state_dict, one weight at a time)")]
+
+
 # emorl_pl.grpo.LOGITS_CHUNK_TOKENS and fused_decode._PACK_MIN_CALLS / _PACK_MIN_ELEMENTS (this module imports no torch; a test
 # checks they agree)
 LOGITS_CHUNK_TOKENS = 256
@@ -591,10 +786,21 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     rollout_buffers = s.accumulate_grad_batches * (
         s.batch_size * p_len * g.hidden_size * b_p  # prompt embeddings
         + s.batch_size * audio_tokens(g.window_seconds, g.window_seconds) * g.audio_d_model * b  # tower output
-        + s.rows * t * (8 + 8 + 4 * 4))  # ids, mask, advantages/mask/ref/old log-probs
+        + s.rows * t * (8 + 8 + 4 * 4 + (4 if s.vllm else 0)))  # ids, mask, advantages/mask/ref/old (engine) log-probs
     always.append(Piece("rollout buffers", rollout_buffers, "prompt embeddings, audio features, ids, log-probs"))
     if s.device == "cuda":
         always.append(Piece("CUDA context, NCCL, workspaces (allowance)", CUDA_RUNTIME_BYTES, "not modelled"))
+    engine: tuple[Piece, ...] = ()  # what the engine adds to the stages that sample (rollout, validation)
+    if s.vllm:
+        engine = _engine_pieces(g, s)
+        if s.engine_sleeps:
+            always.append(Piece("vLLM engine, asleep (sleep mode)", 0.0,
+                                "weights in host RAM, KV cache freed; its CUDA context is the trainer's"))
+        else:
+            always += engine
+            engine = ()
+        engine = (*engine, *_engine_sync(g, s))
+        notes += _engine_notes(g, s)
 
     gathered = _fsdp_gathered(g, s)
     extra = [gathered] if gathered else []
@@ -610,7 +816,8 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
 
     # Rollout: shared prefill of B prompts, decode n rows. The fused step (one device, or FSDP2 with the
     # whole model gathered) copies each utterance's prompt once into its cache, next to T + 1 columns per
-    # row for the new tokens; the decoder's own forward repeats the prompt into an (n, P + T) cache.
+    # row for the new tokens; the decoder's own forward repeats the prompt into an (n, P + T) cache. With the
+    # vLLM engine none of this is used: the stage is the engine (awake) and the weight sync.
     fused = s.fused_decode != "off" and (s.shards == 1 or s.rollout_gathered)
     if fused:
         kv_cache = Piece("KV cache of the rollout",
@@ -633,7 +840,10 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     if s.rollout_gathered and s.shards > 1 and s.fused_decode != "off":
         rollout_extra = [Piece("every FSDP2 unit gathered (hybrid engine)", n_total * s.weight_bytes * _gathered_fraction(s),
                                f"the whole model in {s.weight_bytes} B for the rollout")]
-    stages.append(Stage("rollout", (*rollout, *rollout_extra, *cast)))
+    if s.vllm:
+        stages.append(Stage("rollout (vLLM engine)", engine))
+    else:
+        stages.append(Stage("rollout", (*rollout, *rollout_extra, *cast)))
 
     # Reference (beta > 0) and sampling-policy (mu > 1) log-probs: no grad, m rows at a time.
     if s.beta > 0 or s.num_iterations > 1:
@@ -670,14 +880,45 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     # Validation / test between steps: greedy decoding of eval_batch_size utterances, one sample each.
     if s.eval_batch_size:
         t_eval = s.eval_max_new_tokens or t
-        stages.append(Stage("validation (greedy)", (
-            Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.eval_batch_size),
-                  f"{s.eval_batch_size} x {g.max_source_positions} positions"),
-            Piece("KV cache", _kv_bytes(g, s.eval_batch_size, p_len + t_eval, b),
-                  f"{s.eval_batch_size} rows x ({p_len} + {t_eval})"),
-            Piece("sampling temporaries", s.eval_batch_size * g.vocab_size * 8, "logits, argmax"), *rollout_extra,
-            *cast)))
+        encoder = Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.eval_batch_size),
+                        f"{s.eval_batch_size} x {g.max_source_positions} positions")
+        if s.vllm:
+            stages.append(Stage("validation (greedy, vLLM engine)", (encoder, *engine)))
+        else:
+            stages.append(Stage("validation (greedy)", (
+                encoder,
+                Piece("KV cache", _kv_bytes(g, s.eval_batch_size, p_len + t_eval, b),
+                      f"{s.eval_batch_size} rows x ({p_len} + {t_eval})"),
+                Piece("sampling temporaries", s.eval_batch_size * g.vocab_size * 8, "logits, argmax"), *rollout_extra,
+                *cast)))
     return Plan(g, s, tuple(always), tuple(stages), tuple(notes))
+
+
+def _engine_notes(g: ModelGeometry, s: PlanSettings) -> list[str]:
+    e = s.engine_settings
+    notes = []
+    if s.num_gpus > 1:
+        notes.append(f"vLLM engine: this version colocates it on one process only (several ranks use "
+                     f"emorl-rollout-server, on GPUs of its own, not counted here); for {s.num_gpus} GPUs this is a "
+                     "what-if of TRL's colocate mode: one engine per rank (tensor_parallel_size 1), each holding "
+                     "the whole model")
+    else:
+        notes.append("vLLM engine: in the trainer's process, on its GPU (colocated)")
+    need = engine_min_utilization(g, s)
+    if e["gpu_memory_utilization"] < need:
+        notes.append(f"vLLM engine: gpu_memory_utilization {e['gpu_memory_utilization']:g} leaves less KV cache than "
+                     f"one max_model_len {e['max_model_len']} sequence: vLLM refuses to start; it needs >= {need:.2f}")
+    host = engine_weight_bytes(g, s) / GiB if s.engine_sleeps else 0.0
+    merged = lora_target_weight_params(g, s.lora_targets) * (4 - s.param_bytes) if s.lora else 0  # promoted to fp32
+    sync = (total_params(g) * s.param_bytes + merged) / GiB
+    notes.append(f"host RAM for the engine, per process: {sync:.1f} GiB, the CPU copy of the merged weights at each "
+                 "sync (written to a safetensors file of that size in the temp folder)"
+                 + (f", + {host:.1f} GiB, its weights while asleep" if s.engine_sleeps else "")
+                 + (f"; {s.num_gpus} processes: {s.num_gpus * (host + sync):.0f} GiB" if s.num_gpus > 1 else ""))
+    if s.engine_sleeps:
+        notes.append("vLLM sleep mode: modelled as the engine asleep (LLM.sleep(level=1): weights to host RAM, KV cache "
+                     "freed) from the end of each rollout until the next rollout or validation wakes it")
+    return notes
 
 
 # ------------------------------------------------------------------------------------- verdict, fixes
@@ -700,7 +941,7 @@ class Suggestion:
 Change = tuple[str, dict]  # (what to change, the PlanSettings fields it sets)
 
 
-def _ladders(s: PlanSettings) -> list[list[Change]]:
+def _ladders(g: ModelGeometry, s: PlanSettings) -> list[list[Change]]:
     """Changes that lower memory, in the order worth trying; each a ladder of ever stronger rungs."""
     out: list[list[Change]] = []
     if not s.lora:
@@ -723,11 +964,33 @@ def _ladders(s: PlanSettings) -> list[list[Change]]:
     if s.lora and s.param_bytes == 4:
         out.append([("frozen base weights in bf16 (policy.init_args.dtype: bfloat16; peft keeps adapters fp32)",
                      {"policy_dtype": "bfloat16"})])
-    if s.fused_decode == "merged":
+    if s.fused_decode == "merged" and not s.vllm:
         out.append([("fused_decode: adapters (no merged weight copy)", {"fused_decode": "adapters"})])
+    if s.vllm:
+        out += _engine_ladders(g, s)
     gpus = s.num_gpus if s.strategy == "fsdp2" else 1
     out.append([(f"FSDP2 over {k * gpus} GPUs (strategy emorl_pl.strategies.FSDP2Strategy)",
                  {"strategy": "fsdp2", "num_gpus": k * gpus}) for k in (2, 4, 8)])
+    return out
+
+
+def _engine_ladders(g: ModelGeometry, s: PlanSettings) -> list[list[Change]]:
+    """With the vLLM engine: sleep mode; a smaller ``gpu_memory_utilization`` (0.05 steps down to the smallest
+    that vLLM starts with, ``engine_min_utilization``); the trainer's own decode instead of the engine."""
+    out: list[list[Change]] = []
+    if not s.engine_sleeps:
+        out.append([("vLLM sleep mode: the engine off the GPU outside the rollout "
+                     "(policy.init_args.vllm: {enable_sleep_mode: true})", {"vllm_sleep": True})])
+    u = s.engine_settings["gpu_memory_utilization"]
+    lowest = math.ceil(100 * engine_min_utilization(g, s) - 1e-9) / 100
+    rungs = [round(0.05 * k, 2) for k in range(math.ceil(u / 0.05 - 1e-9) - 1, 0, -1)]
+    fractions = [f for f in rungs if f >= lowest] + ([lowest] if lowest < u else [])
+    fractions = sorted(set(fractions), reverse=True)
+    if fractions:
+        out.append([(f"vLLM gpu_memory_utilization {f:g} (policy.init_args.vllm: {{gpu_memory_utilization: {f:g}}})",
+                     {"vllm_gpu_memory_utilization": f}) for f in fractions])
+    out.append([("rollout_engine: fused (the trainer samples with its own weights; no engine copy)",
+                 {"rollout_engine": "fused"})])
     return out
 
 
@@ -773,9 +1036,9 @@ def suggestions(g: ModelGeometry, s: PlanSettings, limit_gib: float, margin: flo
 
 
 def _best_changes(g: ModelGeometry, s: PlanSettings, limit_gib: float, margin: float) -> list[Suggestion]:
-    """Per ladder of ``_ladders(s)``: its first rung that fits, else its strongest, with the new peak."""
+    """Per ladder of ``_ladders(g, s)``: its first rung that fits, else its strongest, with the new peak."""
     out = []
-    for ladder in _ladders(s):
+    for ladder in _ladders(g, s):
         name, fields = _first_fitting(g, s, ladder, limit_gib, margin)
         new = dataclasses.replace(s, **fields)
         peak = plan(g, new).peak_gib

@@ -9,12 +9,18 @@ Reads the same LightningCLI YAML files as ``emorl fit`` (``-c`` whole configs, `
 throughout, each stage of a step on top of it, the peak, whether it fits ``--gpu-memory`` GiB with a 15%
 margin and, when it does not, what to change with the new estimate. Plain YAML/JSON parsing: no torch,
 no Lightning, no model loading.
+
+With ``--model.init_args.policy.init_args.rollout_engine vllm`` (and ``...policy.init_args.vllm: {...}``) it
+counts the colocated vLLM engine (its weight copy, its reservation of ``gpu_memory_utilization`` of the
+``--gpu-memory``, sleep mode) and says whether sleep mode changes the verdict; ``VLLMSettings``' defaults
+come from ``emorl_pl.modules.vllm_engine`` itself (``memory_plan.vllm_engine_defaults``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -29,17 +35,25 @@ from emorl_pl.memory_plan import (
     LM_PROJECTIONS,
     MARGIN,
     TEXT_TOKENS,
+    VLLM_DTYPES,
     ModelGeometry,
     Plan,
     PlanSettings,
     audio_params,
     audio_tokens,
+    engine_activation_bytes,
+    engine_dtype,
+    engine_kv_tokens,
+    engine_reserved_bytes,
+    engine_weight_bytes,
     lm_params,
     plan,
+    rollout_engines,
     suggestions,
     text_tokens,
     trainable_params,
     verdict,
+    vllm_engine_defaults,
 )
 
 POLICY = ("model", "init_args", "policy", "init_args")
@@ -49,7 +63,7 @@ MODULE_DEFAULTS = {"group_size": 6, "max_new_tokens": 128, "beta": 0.04, "micro_
                    "num_iterations": 1, "accumulate_grad_batches": 1, "mode": "esr", "labels": "iemocap4",
                    "eval_max_new_tokens": None}
 POLICY_DEFAULTS = {"dtype": "float32", "gradient_checkpointing": False, "lora": None, "freeze_audio_tower": True,
-                   "fused_decode": "adapters"}
+                   "fused_decode": "adapters", "rollout_engine": "fused", "vllm": None}
 LORA_DEFAULTS = {"r": 8, "dropout": 0.0, "target_modules": None}
 DATA_DEFAULTS = {"batch_size": 8, "eval_batch_size": None, "max_duration": 10.0, "label_set": "iemocap4"}
 # Number of labels of the named label sets (emorl_pl.emotions.LABEL_SETS), for the prompt's length.
@@ -93,6 +107,9 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
 
     heads = size("text_config", text, "num_attention_heads")
     hidden = size("text_config", text, "hidden_size")
+    # transformers writes the checkpoint's dtype as torch_dtype (older) or dtype (5.x), top level or per part.
+    dtypes = [c.get(k) for c in (config, text) for k in ("torch_dtype", "dtype")]
+    torch_dtype = next((d for d in dtypes if isinstance(d, str)), None)
     return ModelGeometry(
         vocab_size=size("text_config", text, "vocab_size"),
         hidden_size=hidden,
@@ -110,6 +127,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         max_source_positions=size("audio_config", audio, "max_source_positions"),
         projector=model_type == "qwen2_audio",
         name=path.parent.name if path.name == "config.json" else path.stem,
+        torch_dtype=torch_dtype,
     )
 
 
@@ -258,15 +276,41 @@ def _devices(trainer: dict, where: str) -> int | None:
                           f"got {devices!r} (in {where})")
 
 
+def _engine_settings(value: Any, key: str, where: str) -> dict[str, Any]:
+    """``policy.init_args.vllm`` (a ``VLLMSettings`` mapping, or null) over the dataclass's defaults, each value
+    checked; an unknown key is an error naming the known ones, as jsonargparse would refuse it."""
+    defaults = vllm_engine_defaults()
+    if value is None:
+        return defaults
+    if not isinstance(value, dict):
+        raise PlanConfigError(f"{key} must be a mapping of VLLMSettings fields or null, got {value!r} (in {where})")
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise PlanConfigError(f"{key}: unknown VLLMSettings field(s) {unknown}; known: {sorted(defaults)} (in {where})")
+    out = {**defaults, **value}
+    fraction = _number(out["gpu_memory_utilization"], key + ".gpu_memory_utilization", where, low=0, low_open=True)
+    if fraction > 1:
+        raise PlanConfigError(f"{key}.gpu_memory_utilization must be a fraction in (0, 1], got {fraction!r} (in {where})")
+    if not isinstance(out["enable_sleep_mode"], bool):
+        raise PlanConfigError(f"{key}.enable_sleep_mode must be true or false, got {out['enable_sleep_mode']!r} "
+                              f"(in {where})")
+    _choice(out["dtype"], key + ".dtype", where, list(VLLM_DTYPES))
+    _count(out["max_model_len"], key + ".max_model_len", where)
+    return out
+
+
 def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_seconds: float | None = None,
                          gpus: int | None = None, device: str = "cuda", window_seconds: float = 30.0,
-                         reference_dtype: str | None = None) -> tuple[PlanSettings, dict]:
+                         reference_dtype: str | None = None,
+                         gpu_memory_gib: float | None = None) -> tuple[PlanSettings, dict]:
     """``PlanSettings`` of one rank from a merged LightningCLI config; also returns what was assumed
     (audio seconds and where they came from, text tokens, ...) for the printout.
 
     Under FSDP2 the code shards the full-fine-tuning reference like the policy, in the compute dtype,
     gathers every unit once for a (fused-decode) rollout, and reduces gradients once per optimizer step
-    unless the strategy says ``sync_gradients: per_backward``."""
+    unless the strategy says ``sync_gradients: per_backward``. With ``rollout_engine: vllm`` the engine's
+    settings are ``policy.init_args.vllm`` over ``VLLMSettings``' defaults, and its reservation is a fraction
+    of ``gpu_memory_gib``."""
     module = {**MODULE_DEFAULTS, **_init_args(config, "model")}
     policy = {**POLICY_DEFAULTS, **(_get(config, POLICY) or {})}
     data = {**DATA_DEFAULTS, **_init_args(config, "data")}
@@ -290,6 +334,10 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
     max_duration = _number(data.get("max_duration"), d + "max_duration", where_data, low=0, low_open=True,
                            optional=True)
     policy_dtype = _choice(policy["dtype"], pol + "dtype", where_model, sorted(DTYPE_BYTES))
+    rollout_engine = _choice(policy["rollout_engine"], pol + "rollout_engine", where_model, rollout_engines())
+    engine = {}
+    if rollout_engine == "vllm":
+        engine = _engine_settings(policy["vllm"], pol + "vllm", where_model)
 
     strategy = _strategy(trainer)
     strategy_args = _get(trainer, ("strategy", "init_args")) or {}
@@ -357,7 +405,13 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
                           where_trainer, ("per_step", "per_backward")),
         reference_sharded=strategy == "fsdp2",
         reference_dtype=reference_dtype,
-        rollout_gathered=strategy == "fsdp2" and str(policy["fused_decode"]) != "off",
+        rollout_gathered=strategy == "fsdp2" and str(policy["fused_decode"]) != "off" and rollout_engine == "fused",
+        rollout_engine=rollout_engine,
+        vllm_gpu_memory_utilization=engine.get("gpu_memory_utilization"),
+        vllm_sleep=engine.get("enable_sleep_mode"),
+        vllm_dtype=engine.get("dtype"),
+        vllm_max_model_len=engine.get("max_model_len"),
+        gpu_memory_gib=gpu_memory_gib,
     )
     assumed = {"audio_seconds": audio_seconds, "audio_source": source, "audio_tokens": n_audio,
                "text_tokens": n_text, "mode": module["mode"], "num_labels": num_labels}
@@ -398,7 +452,9 @@ def format_plan(p: Plan, limit_gib: float, assumed: Mapping[str, Any], source: s
         f"{audio_params(g) / 1e9:.2f} B); {tuning}: {n_train / 1e9:.3g} B trainable",
         f"  run: {strategy}{f' (param_dtype {s.fsdp_param_dtype})' if s.strategy == 'fsdp2' and s.fsdp_param_dtype else ''};"
         f" policy dtype {s.policy_dtype}; precision {s.precision}; gradient checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}; beta {s.beta:g}",
+        f"{'on' if s.gradient_checkpointing else 'off'}; beta {s.beta:g}" + (
+            f"; rollouts on a colocated vLLM engine (gpu_memory_utilization {s.engine_settings['gpu_memory_utilization']:g}, "
+            f"sleep mode {'on' if s.engine_sleeps else 'off'})" if s.vllm else ""),
         f"  per GPU: B = {s.batch_size} x G = {s.group_size} = {s.rows} rollouts; prompt {s.prompt_tokens} tokens "
         f"({assumed['audio_seconds']:g} s of audio -> {assumed['audio_tokens']} audio tokens, from "
         f"{assumed['audio_source']}; + {assumed['text_tokens']} text, mode {assumed['mode']}); "
@@ -422,9 +478,39 @@ def format_plan(p: Plan, limit_gib: float, assumed: Mapping[str, Any], source: s
               + {"fits": f"fits ({headroom:.0f}% headroom, >= {100 * MARGIN:.0f}% wanted)",
                  "tight": f"fits, but only {headroom:.0f}% headroom (< {100 * MARGIN:.0f}% wanted)",
                  "does not fit": f"DOES NOT FIT ({-headroom:.0f}% over)"}[v]]
+    if s.vllm:
+        lines += engine_summary(p, limit_gib)
     for note in p.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+_VERDICT_WORDS = {"fits": "fits", "tight": f"tight (under {100 * MARGIN:.0f}% headroom)", "does not fit": "DOES NOT FIT"}
+
+
+def engine_summary(p: Plan, limit_gib: float) -> list[str]:
+    """Two lines on the vLLM engine: its share of the peak (weights, KV cache pool, activations; held throughout
+    or, with sleep mode, only while it samples) and the peak and verdict with sleep mode the other way round."""
+    g, s = p.geometry, p.settings
+    w, r, a = engine_weight_bytes(g, s), engine_reserved_bytes(g, s), engine_activation_bytes(g, s)
+    u = s.engine_settings["gpu_memory_utilization"]
+    dtype = engine_dtype(g, s)
+    in_peak = sum(x.bytes for x in (*p.always, *p.peak_stage.pieces) if x.name.startswith("vLLM engine:"))
+    needed = s.rows * (s.prompt_tokens + s.max_new_tokens)
+    held = ("on the GPU only while it samples (rollout, validation): sleep mode" if s.engine_sleeps
+            else "held throughout (no sleep mode)")
+    lines = [f"  vLLM engine: {r / 2**30:.2f} GiB per GPU = max(gpu_memory_utilization {u:g} x {s.gpu_memory_gib:g} GiB, "
+             f"W + A): its weights W {w / 2**30:.2f} GiB ({dtype}) + KV cache pool {(r - w - a) / 2**30:.2f} GiB "
+             f"(~{engine_kv_tokens(g, s):,} tokens; a rollout's B x G x (P + T) = {needed:,}) + activations A "
+             f"{a / 2**30:.2f} GiB; {held}; {in_peak / 2**30:.2f} GiB of the {p.peak_gib:.2f} GiB peak"]
+    other = plan(g, dataclasses.replace(s, vllm_sleep=not s.engine_sleeps))
+    v, v_other = verdict(p.peak_gib, limit_gib), verdict(other.peak_gib, limit_gib)
+    change = (f"sleep mode does not change the verdict ({_VERDICT_WORDS[v]} either way)" if v == v_other else
+              f"sleep mode changes the verdict: {_VERDICT_WORDS[v if s.engine_sleeps else v_other]} with it, "
+              f"{_VERDICT_WORDS[v_other if s.engine_sleeps else v]} without it")
+    lines.append(f"  vLLM sleep mode {'off' if s.engine_sleeps else 'on'} instead: peak {other.peak_gib:.2f} GiB "
+                 f"({other.peak_stage.name}), {_VERDICT_WORDS[v_other]}; {change}")
+    return lines
 
 
 def format_suggestions(items: Sequence, limit_gib: float) -> str:
@@ -473,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=_positive(int, "a whole number of GPUs >= 1"),
                    help="GPUs of the run (default: trainer.devices x trainer.num_nodes)")
     p.add_argument("--gpu-memory", type=_positive(float, "a number of GiB > 0"), default=80.0,
-                   help="memory per GPU in GiB (default 80)")
+                   help="memory per GPU in GiB (default 80; a vLLM engine reserves its gpu_memory_utilization of it)")
     p.add_argument("--audio-seconds", type=_positive(float, "a number of seconds > 0"), default=None,
                    help="longest utterance in seconds (default: data max_duration, capped at the 30 s window)")
     p.add_argument("--reference-dtype", choices=("float32", "bfloat16"), default=None,
@@ -512,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         geometry = geometry_from_config(path)
         settings, assumed = settings_from_config(
             config, origin, audio_seconds=args.audio_seconds, gpus=args.gpus, device=args.device,
-            window_seconds=geometry.window_seconds, reference_dtype=args.reference_dtype)
+            window_seconds=geometry.window_seconds, reference_dtype=args.reference_dtype,
+            gpu_memory_gib=args.gpu_memory)
         result = plan(geometry, settings)
     except (PlanConfigError, ValueError) as err:
         print(f"emorl-plan: error: {err}", file=sys.stderr)

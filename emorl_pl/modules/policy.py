@@ -86,21 +86,23 @@ def _world_size() -> int:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model``'s weights under the plain model's names, each LoRA layer's update added to its base weight
-    out of place (the model is not touched, so training goes on bit-for-bit)."""
+    """``model``'s weights on the CPU under the plain model's names, each LoRA layer's update added to its base
+    weight out of place (the model is not touched, so training goes on bit-for-bit). One adapted weight at a
+    time: its delta and merged copy live on the device only until they reach the CPU."""
     from peft.tuners.lora import LoraLayer
 
-    deltas: dict[str, Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and module.active_adapters and not module.disable_adapters:
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            deltas[f"{name}.base_layer.weight"] = delta
+    layers = {f"{name}.base_layer.weight": module for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and module.active_adapters and not module.disable_adapters}
     out = {}
     with torch.no_grad():
         for name, value in model.state_dict().items():
             if "lora_" in name:
                 continue
-            out[name.replace(".base_layer.", ".")] = value + deltas[name] if name in deltas else value
+            layer = layers.get(name)
+            if layer is not None:
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                value = (value + delta).to(value.dtype)
+            out[name.replace(".base_layer.", ".")] = value.to("cpu")
     return out
 
 
