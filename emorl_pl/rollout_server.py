@@ -76,6 +76,9 @@ class ServerEngine:
     def load_weights(self, model_dir: str | Path) -> None:
         self._call("POST", "/load_weights", {"path": str(Path(model_dir).resolve())})
 
+    def release(self) -> None:
+        """Nothing to free on the trainer's side: the server's engine lives on its own devices."""
+
 
 def make_server(engine: Any, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server in front of ``engine`` (anything with ``sample`` / ``load_weights``)."""

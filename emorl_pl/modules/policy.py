@@ -440,6 +440,7 @@ class AudioLMPolicy(nn.Module):
         samples = engine.sample(prompts.texts, prompts.audio, self.processor.feature_extractor.sampling_rate,
                                 group_size, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                 top_p=settings.top_p, top_k=settings.top_k, greedy=not settings.do_sample, seeds=seeds)
+        engine.release()  # sleep mode: the update that follows gets the engine's memory
         ids, logps, truncated = pack_completions(samples, settings.max_new_tokens, self.pad_token_id,
                                                  self.eos_token_ids)
         device = pe.input_ids.device

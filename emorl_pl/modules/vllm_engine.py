@@ -81,6 +81,10 @@ class VLLMColocateEngine:
             kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
                           enable_sleep_mode=settings.enable_sleep_mode)
         self.llm = LLM(**kwargs)
+        # Sleep mode (GPU only): asleep between rollouts (weights offloaded, KV cache freed) so the update has
+        # the memory; woken for the next rollout or weight reload.
+        self.sleeps = settings.enable_sleep_mode and torch.cuda.is_available()
+        self._asleep = False
         self.stop_token_ids = list(stop_token_ids)
         # -inf would make the processed log-probs of other tokens renormalise over a smaller set exactly as
         # our decode's suppression does; vLLM clamps the bias, so a large negative value stands for it.
@@ -92,6 +96,7 @@ class VLLMColocateEngine:
         """``n`` completions for each (prompt text, audio); per request ``seeds[i]`` (reproducible draws)."""
         from vllm import SamplingParams
 
+        self._wake()
         if len(texts) != len(audio):
             raise ValueError(f"got {len(texts)} prompt texts for {len(audio)} audio arrays")
         requests, params = [], []
@@ -109,6 +114,7 @@ class VLLMColocateEngine:
 
     def load_weights(self, model_dir: str | Path) -> None:
         """Reload every weight in place from ``model_dir`` (hub key layout), vLLM's own RL reload path."""
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir),
                                                           "is_checkpoint_format": True})
         # The worker drops its encoder outputs on reload but the scheduler would still count on them ("Encoder
@@ -118,11 +124,16 @@ class VLLMColocateEngine:
         engine.reset_mm_cache()
         engine.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        self.llm.sleep(level=1)
+    def release(self) -> None:
+        """After a rollout: with sleep mode, put the engine to sleep (level 1) until it is needed again."""
+        if self.sleeps and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
 
 def _sampled_logprobs(completion: Any) -> list[float]:
