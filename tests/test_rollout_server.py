@@ -1,5 +1,5 @@
 """The rollout server's protocol without vLLM: a trainer-side ``ServerEngine`` against ``make_server`` in
-front of a recording engine (the real engine behind it is tested in tests/vllm/test_vllm_server.py)."""
+front of a recording engine (the real engine behind it is tested in tests/with_vllm/test_vllm_server.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """vLLM as the rollout engine, against our own decode on the real-shape Qwen2-Audio (the real tokenizer,
 the published chat template, the 30 s window, the 156,032-row vocabulary), widened to what vLLM's CPU
 attention takes (head_dim 64). Runs in the CPU vLLM environment only (``bash scripts/vllm_cpu_env.sh``;
-``.venv-vllm/bin/pytest tests/vllm``): one engine for the module, its load is most of the time."""
+``.venv-vllm/bin/pytest tests/with_vllm``): one engine for the module, its load is most of the time."""
 
 from __future__ import annotations
 
