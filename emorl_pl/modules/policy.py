@@ -482,7 +482,7 @@ class AudioLMPolicy(nn.Module):
         changed = version != self._engine_synced_version
         ranks = _world_size()
         if ranks > 1:  # one server for every rank: all agree, rank 0 sends, the others wait for it
-            flag = torch.tensor([int(changed)])
+            flag = torch.tensor([int(changed)], device=next(self._hf.parameters()).device)  # NCCL: on the GPU
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             changed = bool(flag.item())
         if not changed:
