@@ -192,6 +192,7 @@ class AudioLMPolicy(nn.Module):
         self._engine: VLLMColocateEngine | None = None  # built at the first vLLM rollout
         self._engine_weights_dir: Path | None = None
         self._engine_synced_version = -1  # sum of the parameters' in-place update counters at the last sync
+        self._engine_key_map: dict[str, str] | None = None
         self.model_dir = model_dir
         self.model_class = model_class
         self.dtype_name = dtype
@@ -421,10 +422,17 @@ class AudioLMPolicy(nn.Module):
                                       fused_decode=self.fused_decode, sharded=self.is_sharded)
             else:
                 ids = sampling.generate(self._hf, self.family, pe, group_size, tokens, settings)
+        return self._rollout_from_ids(pe, ids, group_size, mask_truncated)
+
+    def _rollout_from_ids(self, pe: PromptEmbeds, ids: Tensor, group_size: int, mask_truncated: bool,
+                          sampling_logps: Tensor | None = None) -> Rollout:
+        """A ``Rollout`` from sampled ids (B*G, T), whichever engine drew them: masks, padding after the stop
+        token, truncation and texts."""
         mask = completion_mask(ids, self.eos_token_ids, mask_truncated=mask_truncated)
         ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size)
+        return Rollout(pe, ids, mask, is_truncated(ids, self.eos_token_ids), texts, group_size,
+                       sampling_logps=sampling_logps)
 
     # ------------------------------------------------------------------------------------------ vLLM engine
     def _engine_rollout(self, pe: PromptEmbeds, group_size: int, settings: SamplingSettings,
@@ -441,15 +449,10 @@ class AudioLMPolicy(nn.Module):
                                 group_size, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                 top_p=settings.top_p, top_k=settings.top_k, greedy=not settings.do_sample, seeds=seeds)
         engine.release()  # sleep mode: the update that follows gets the engine's memory
-        ids, logps, truncated = pack_completions(samples, settings.max_new_tokens, self.pad_token_id,
-                                                 self.eos_token_ids)
+        ids, logps = pack_completions(samples, settings.max_new_tokens, self.pad_token_id)
         device = pe.input_ids.device
-        ids = ids.to(device)
-        mask = completion_mask(ids, self.eos_token_ids, mask_truncated=mask_truncated)
-        ids = ids.masked_fill(completion_mask(ids, self.eos_token_ids) == 0, self.pad_token_id)
-        texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return Rollout(pe, ids, mask, truncated.to(device), texts, group_size,
-                       sampling_logps=logps.to(device) if settings.do_sample else None)
+        return self._rollout_from_ids(pe, ids.to(device), group_size, mask_truncated,
+                                      sampling_logps=logps.to(device) if settings.do_sample else None)
 
     def engine(self) -> VLLMColocateEngine | ServerEngine:
         """The vLLM engine: colocated over ``model_dir``, or the client of an ``emorl-rollout-server`` (built
@@ -499,7 +502,9 @@ class AudioLMPolicy(nn.Module):
                 if root is not None:
                     Path(root).mkdir(parents=True, exist_ok=True)
                 self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-", dir=root))
-            names = hub_key_map(meta_model(self.model_dir))
+            if self._engine_key_map is None:  # in-memory -> published names: fixed for the model, built once
+                self._engine_key_map = hub_key_map(meta_model(self.model_dir))
+            names = self._engine_key_map
             state = merged_state_dict(self._hf)
             missing = sorted(set(names) - set(state))
             if missing:

@@ -86,8 +86,8 @@ class VLLMColocateEngine:
         self.sleeps = settings.enable_sleep_mode and torch.cuda.is_available()
         self._asleep = False
         self.stop_token_ids = list(stop_token_ids)
-        # -inf would make the processed log-probs of other tokens renormalise over a smaller set exactly as
-        # our decode's suppression does; vLLM clamps the bias, so a large negative value stands for it.
+        # Our decode suppresses the audio tokens outright; a -100 bias gives them a probability of ~e^-100, the
+        # same to float precision (and keeps the processed log-probs finite).
         self.logit_bias = {int(t): -100.0 for t in suppressed_token_ids}
 
     def sample(self, texts: Sequence[str], audio: Sequence[Any], sample_rate: int, n: int, *, max_new_tokens: int,
@@ -141,10 +141,10 @@ def _sampled_logprobs(completion: Any) -> list[float]:
     return [lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs)]
 
 
-def pack_completions(samples: Sequence[Sequence[EngineSample]], max_new_tokens: int, pad_id: int,
-                     stop_ids: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+def pack_completions(samples: Sequence[Sequence[EngineSample]], max_new_tokens: int,
+                     pad_id: int) -> tuple[Tensor, Tensor]:
     """Rows b*G + g as the trainer's decode lays them out: ``(ids (N, T) right-padded with pad_id, log-probs
-    (N, T) zero-padded, truncated (N,) bool: no stop token)``, T the longest completion (<= max_new_tokens)."""
+    (N, T) zero-padded)``, T the longest completion (<= max_new_tokens)."""
     rows = [s for group in samples for s in group]
     longest = max((len(s.token_ids) for s in rows), default=0)
     if longest > max_new_tokens:
@@ -152,11 +152,8 @@ def pack_completions(samples: Sequence[Sequence[EngineSample]], max_new_tokens: 
     T = max(longest, 1)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     logps = torch.zeros((len(rows), T), dtype=torch.float32)
-    stops = set(stop_ids)
-    truncated = torch.ones(len(rows), dtype=torch.bool)
     for r, s in enumerate(rows):
         k = len(s.token_ids)
         ids[r, :k] = torch.tensor(s.token_ids, dtype=torch.long)
         logps[r, :k] = torch.tensor(s.logprobs, dtype=torch.float32)
-        truncated[r] = not (k and s.token_ids[-1] in stops)
-    return ids, logps, truncated
+    return ids, logps

@@ -79,10 +79,11 @@ def test_sampled_logprobs_agree_with_the_trainers(setup):
     G, temperature = 3, 0.8
     samples = engine.sample(prompts.texts, prompts.audio, SR, G, max_new_tokens=MAX_NEW, temperature=temperature,
                             seeds=[11, 12, 13, 14])
-    ids, logps, truncated = pack_completions(samples, MAX_NEW, policy.pad_token_id, policy.eos_token_ids)
-    from emorl_pl.grpo import completion_mask
+    ids, logps = pack_completions(samples, MAX_NEW, policy.pad_token_id)
+    from emorl_pl.grpo import completion_mask, is_truncated
 
     mask = completion_mask(ids, policy.eos_token_ids)
+    truncated = is_truncated(ids, policy.eos_token_ids)
     pe = policy.encode_prompts(prompts)
     texts = policy.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     rollout = Rollout(pe, ids, mask, truncated, texts, G, sampling_logps=logps)
