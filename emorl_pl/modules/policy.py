@@ -45,6 +45,7 @@ from emorl_pl.modules.sampling import (
 )
 from emorl_pl.modules.sharding import full_state_dict_cpu, is_sharded, shard_model
 from emorl_pl.modules.vllm_engine import ROLLOUT_ENGINES, VLLMColocateEngine, VLLMSettings, pack_completions
+from emorl_pl.modules.weight_sync import iter_merged_weights, write_hub_shards
 from emorl_pl.rollout_server import ServerEngine
 
 __all__ = ["AudioLMPolicy", "LoraSettings", "PromptEmbeds", "Prompts", "Rollout", "sample_categorical",
@@ -83,27 +84,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model``'s weights on the CPU under the plain model's names, each LoRA layer's update added to its base
-    weight out of place (the model is not touched, so training goes on bit-for-bit). One adapted weight at a
-    time: its delta and merged copy live on the device only until they reach the CPU."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = {f"{name}.base_layer.weight": module for name, module in model.named_modules()
-              if isinstance(module, LoraLayer) and module.active_adapters and not module.disable_adapters}
-    out = {}
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            if "lora_" in name:
-                continue
-            layer = layers.get(name)
-            if layer is not None:
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                value = (value + delta).to(value.dtype)
-            out[name.replace(".base_layer.", ".")] = value.to("cpu")
-    return out
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -459,15 +439,12 @@ class AudioLMPolicy(nn.Module):
         once; the weights are synced before each use)."""
         if self._engine is None:
             self.load()
-            if self.is_sharded:
-                raise NotImplementedError("rollout_engine='vllm' with a sharded (FSDP2) policy is not supported in "
-                                          "this version; use DDP or one process, or rollout_engine='fused'")
             if self.vllm_settings.mode == "server":
                 self._engine = ServerEngine(self.vllm_settings.server_url)
             else:
-                if _world_size() > 1:
+                if _world_size() > 1:  # each rank would hold an engine with its own whole copy of the model
                     raise NotImplementedError("a colocated vLLM engine runs on one process in this version; with "
-                                              "several ranks use vllm: {mode: server, server_url: ...}")
+                                              "several ranks (DDP or FSDP2) use vllm: {mode: server, server_url: ...}")
                 self._engine = VLLMColocateEngine(self.model_dir, self.vllm_settings,
                                                   stop_token_ids=self.eos_token_ids,
                                                   suppressed_token_ids=self.audio_token_ids)
@@ -479,7 +456,8 @@ class AudioLMPolicy(nn.Module):
 
     def sync_engine_weights(self) -> bool:
         """Give the engine the current weights (LoRA merged, out of place) if they changed since the last sync;
-        returns whether it did. Written in the hub layout to a scratch folder and reloaded by vLLM in place."""
+        returns whether it did. Streamed one weight at a time (gathered one by one under FSDP2) into
+        safetensors shards in the hub layout in a scratch folder, which vLLM reloads in place."""
         engine = self.engine()
         version = self._weights_version()
         changed = version != self._engine_synced_version
@@ -490,27 +468,22 @@ class AudioLMPolicy(nn.Module):
             changed = bool(flag.item())
         if not changed:
             return False
-        if ranks == 1 or torch.distributed.get_rank() == 0:
+        writer = ranks == 1 or torch.distributed.get_rank() == 0
+        if writer and self._engine_weights_dir is None:
             import tempfile
 
-            from safetensors.torch import save_file
-
+            root = self.vllm_settings.weights_dir
+            if root is not None:
+                Path(root).mkdir(parents=True, exist_ok=True)
+            self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-", dir=root))
+        if self._engine_key_map is None:  # in-memory -> published names: fixed for the model, built once
             from emorl_pl.modules.hub_layout import hub_key_map, meta_model
 
-            if self._engine_weights_dir is None:
-                root = self.vllm_settings.weights_dir
-                if root is not None:
-                    Path(root).mkdir(parents=True, exist_ok=True)
-                self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-", dir=root))
-            if self._engine_key_map is None:  # in-memory -> published names: fixed for the model, built once
-                self._engine_key_map = hub_key_map(meta_model(self.model_dir))
-            names = self._engine_key_map
-            state = merged_state_dict(self._hf)
-            missing = sorted(set(names) - set(state))
-            if missing:
-                raise RuntimeError(f"the engine needs weights the policy does not have: {missing[:5]}")
-            save_file({names[k]: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names},
-                      str(self._engine_weights_dir / "model.safetensors"), metadata={"format": "pt"})
+            self._engine_key_map = hub_key_map(meta_model(self.model_dir))
+        # Under FSDP2 every rank takes part in each weight's all-gather (in the compute dtype); rank 0 writes.
+        write_hub_shards(iter_merged_weights(self._hf, self._compute_dtype), self._engine_key_map,
+                         self._engine_weights_dir if writer else None)
+        if writer:
             engine.load_weights(self._engine_weights_dir)
         if ranks > 1:
             torch.distributed.barrier()  # no rank samples before the server has the new weights
