@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import signal
 import threading
 import urllib.error
 import urllib.request
@@ -150,8 +151,19 @@ def main(argv: list[str] | None = None) -> None:
                             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     engine = VLLMColocateEngine(args.model_dir, settings, stop_token_ids=stops, suppressed_token_ids=suppressed)
     server = make_server(engine, args.host, args.port)
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM as Ctrl-C: leave serve_forever and clean up below
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"emorl-rollout-server: serving {args.model_dir} on http://{args.host}:{server.server_port}", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("emorl-rollout-server: stopping", flush=True)
+    finally:
+        server.server_close()
+        engine.close()
 
 
 def _special_ids(model_dir: str) -> tuple[list[int], list[int]]:

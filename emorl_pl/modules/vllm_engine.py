@@ -130,6 +130,11 @@ class VLLMColocateEngine:
             self.llm.sleep(level=1)
             self._asleep = True
 
+    def close(self) -> None:
+        """Stop the engine's processes now (vLLM's engine core runs in a child process that outlives a parent
+        killed by a signal, holding its memory)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _wake(self) -> None:
         if self._asleep:
             self.llm.wake_up()

@@ -44,8 +44,30 @@ def server(tmp_path_factory):
         assert time.time() < deadline, "the server did not start"
         time.sleep(1)
     yield model_dir, url
-    proc.terminate()
-    proc.wait(timeout=60)
+    engine_processes = _descendants(proc.pid)
+    assert engine_processes, "the server runs vLLM's engine core in a child process"
+    proc.terminate()  # SIGTERM, as a scheduler stops a job
+    proc.wait(timeout=120)
+    deadline = time.time() + 60  # and the engine goes with it, not left holding its memory
+    while any(Path(f"/proc/{pid}").exists() for pid in engine_processes) and time.time() < deadline:
+        time.sleep(1)
+    assert not [pid for pid in engine_processes if Path(f"/proc/{pid}").exists()], "engine processes outlived the server"
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def test_policy_through_the_server_decodes_the_current_lora_weights(server):
