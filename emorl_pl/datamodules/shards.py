@@ -33,6 +33,7 @@ import numpy as np
 import webdataset as wds
 
 from emorl_pl.audio import AudioReadError, decode_audio, encode_flac, resample, to_mono
+from emorl_pl.datamodules.remote import ReadOptions, display_url, is_remote, join, read_bytes, shard_records
 from emorl_pl.emotions import try_normalize_label
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -243,13 +244,24 @@ class SplitWriter:
         return {**self._index, "skipped_files": list(self._skipped_files)}
 
 
-def read_index(split_dir: str | Path) -> dict:
-    """Load ``<split_dir>/index.json``; raises FileNotFoundError / ValueError naming the file and the problem."""
-    path = Path(split_dir) / INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {INDEX_NAME} in split folder {Path(split_dir)} (not a converted split?)")
+def read_index(split_dir: str | Path, options: ReadOptions | None = None) -> dict:
+    """Load ``<split_dir>/index.json`` (a local folder or a URL prefix such as ``s3://bucket/train``);
+    raises FileNotFoundError / ValueError naming the file and the problem (SourceReadError when a URL
+    cannot be read after ``options.retries`` retries)."""
+    if isinstance(split_dir, str) and is_remote(split_dir):
+        path = join(split_dir, INDEX_NAME)
+        try:
+            text = read_bytes(path, options or ReadOptions()).decode("utf-8", "replace")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"no {INDEX_NAME} at {display_url(path)} (not a converted split?)") from exc
+        path = display_url(path)
+    else:
+        path = Path(split_dir) / INDEX_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {INDEX_NAME} in split folder {Path(split_dir)} (not a converted split?)")
+        text = path.read_text()
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(index, dict):
@@ -260,8 +272,11 @@ def read_index(split_dir: str | Path) -> dict:
     return index
 
 
-def split_shards(split_dir: str | Path) -> list[str]:
-    """Absolute paths of the shards listed in a split's index.json (checked to exist)."""
+def split_shards(split_dir: str | Path, options: ReadOptions | None = None) -> list[str]:
+    """The shards listed in a split's index.json: absolute paths (checked to exist) for a local folder,
+    URLs under the prefix for a remote one (not checked: a missing one fails when it is read)."""
+    if isinstance(split_dir, str) and is_remote(split_dir):
+        return [join(split_dir, name) for name in read_index(split_dir, options)["shards"]]
     split_dir = Path(split_dir)
     paths = [split_dir / name for name in read_index(split_dir)["shards"]]
     absent = [str(p) for p in paths if not p.is_file()]
@@ -296,7 +311,8 @@ def nonfinite_problem(audio: np.ndarray) -> str | None:
 
 
 def _record_where(record: dict) -> str:
-    return f"{record.get('__url__', '<unknown shard>')}:{record.get('__key__', '<no key>')}"
+    url = record.get("__url__")
+    return f"{'<unknown shard>' if url is None else display_url(url)}:{record.get('__key__', '<no key>')}"
 
 
 def record_meta(record: dict, label_set: tuple[str, ...] | None = None) -> tuple[dict, str]:
@@ -375,11 +391,21 @@ def _member_key(name: str) -> tuple[str, str] | None:
     return name[: len(name) - len(base)] + stem, ext.lower()
 
 
-def count_shard_labels(path: str | Path) -> dict[str, int]:
+def count_shard_labels(path: str | Path, options: ReadOptions | None = None) -> dict[str, int]:
     """``{canonical label: records}`` of one shard, reading only its .json members (tar headers are
-    skipped over, audio is not read). Counts the records ``record_meta`` accepts (label set aside):
-    the fallback of the training stream's plan for shards whose index.json has no
-    ``shard_label_counts``. Raises OSError/tarfile.TarError naming the file when it cannot be read."""
+    skipped over, audio is not read; a remote shard is downloaded, retried as ``options`` say). Counts
+    the records ``record_meta`` accepts (label set aside): the fallback of the training stream's plan for
+    shards whose index.json has no ``shard_label_counts``. Raises OSError naming the file when it cannot
+    be read."""
+    if isinstance(path, str) and is_remote(path):
+        remote: Counter[str] = Counter()
+        for record in shard_records(path, options or ReadOptions(), handler=lambda exc: True):  # bad data: not counted
+            try:
+                _, label = record_meta(record)
+            except SampleDecodeError:
+                continue
+            remote[label] += 1
+        return dict(sorted(remote.items()))
     counts: Counter[str] = Counter()
     current: str | None = None
     members: dict[str, bytes | None] = {}

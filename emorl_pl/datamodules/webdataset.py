@@ -49,8 +49,24 @@ audio cannot be decoded stays in its batch as a placeholder (0.1 s of silence, `
 each worker reads all shards of the set (cheap: tar reading, not decoding) and decodes batch ``m`` of
 its rank iff ``m % W == w``.
 
+Sources (``find_shards``): a split folder, a glob, a brace pattern or a tar file, local or as a URL
+(``s3://``, ``gs://`` and other fsspec protocols, ``http(s)://``, ``pipe:COMMAND``), or a ``.txt`` list of
+them. The plan needs the usable samples per shard: from the index.json next to the shards (a URL split
+folder's ``<url>/index.json``), else by reading the shards once when the loader is built (downloading
+remote ones). The partition above is a function of the shard list and these counts only, so it holds
+for URLs exactly as for files. Reading (``remote.py``): an http(s) or pipe read that gets no data for
+``read_timeout`` seconds fails; a remote shard that fails with a network error is read again, at most
+``read_retries`` times, skipping the records already handed out. A shard that still cannot be read (or
+a local one that fails once) is skipped: logged with its URL, counted per rank in
+``self.failed_shards[split]`` (``{url: times}``) and in the loader's summary. In training its rows in the
+rank's share are replaced by padding rows; in evaluation its unread samples become placeholder rows
+(``is_pad``, with an ``errors`` entry) when index.json gives its sample count. Either way every rank keeps
+its number of steps: a dead http(s) or pipe shard costs its rank at most ``read_retries + 1`` timeouts
+plus the waits between them (fsspec backends apply their own timeouts), and the other ranks that long
+at their next collective, never a hang.
+
 Skipped samples (undecodable or non-finite (NaN/inf) audio, bad JSON, missing field, label outside the
-label set, unreadable tar) are logged (one warning each, with shard URL and key; a label outside the set
+label set, bad data in a readable tar) are logged (one warning each, with shard URL and key; a label outside the set
 at debug level) and counted in ``self.skipped[split]``; those with a label outside the label set are also
 counted per label in ``self.dropped_labels[split]`` (``{"fear": 12, "disgust": 3}``). The counts travel
 from workers to the main process alongside the batches, so they are exact after an iteration with any
@@ -71,18 +87,22 @@ import glob
 import json
 import logging
 import math
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from emorl_pl.datamodules import remote
+from emorl_pl.datamodules.remote import ReadOptions, SourceReadError
 from emorl_pl.datamodules.shards import (
     LabelOutsideSetError,
     SampleDecodeError,
@@ -98,11 +118,14 @@ from emorl_pl.modules.prompting import CroppedAudio
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
-Problem = tuple[str, int, str | None]  # (message, log level, label outside the label set) of a skipped record
-Skip = tuple[str, str | None]  # (message, label outside the label set or None) of a skipped record
+# (message, log level, label outside the label set, shard given up on) of a skipped record or shard
+Problem = tuple[str, int, str | None, str | None]
+# (message, label outside the label set or None, shard URL when a whole shard could not be read, else None)
+Skip = tuple[str, str | None, str | None]
 PLACEHOLDER_SECONDS = 0.1
 # The fields of the training stream's position that its batch sequence depends on (see the docstring).
 LAYOUT_KEYS = ("world_size", "batch_size", "seed", "samples", "epoch_length")
+LIST_SUFFIX = ".txt"  # a data source ending so is a list of sources, one per line
 
 
 def rank_and_world_size(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -141,43 +164,167 @@ def placeholder_sample(key: str, label: str, sample_rate: int, error: str | None
             "is_pad": True, "error": error}
 
 
-def resolve_shards(spec: str) -> tuple[list[str], int | None, dict[str, int] | None]:
-    """A split folder (with index.json), a brace pattern (``a/shard-{000000..000003}.tar``) or a glob
-    (``a/*.tar``) -> (sorted shard paths, num_samples or None, label_counts or None).
+@dataclass
+class ShardSource:
+    """What a data source names: its shards (paths or URLs, in a fixed order), the sample and label counts
+    of index.json when the shards are whole splits (else None), and the per-shard label counts that the
+    index.json files next to the shards hold (``{shard: {label: n}}``, possibly for some shards only)."""
 
-    The counts come from index.json: of the folder, or of the folders a pattern matched when it matched
-    all of their shards. Raises FileNotFoundError naming the spec when nothing matches.
-    """
-    path = Path(spec)
-    if path.is_dir():
-        index = read_index(path)
-        shards = split_shards(path)
-        return shards, int(index["num_samples"]), dict(index["label_counts"])
+    urls: list[str]
+    num_samples: int | None
+    label_counts: dict[str, int] | None
+    shard_labels: dict[str, dict[str, int]]
+
+
+def _norm(url: str) -> str:
+    return url if remote.is_remote(url) else str(Path(url))
+
+
+def _index_key(folder: str, name: str) -> str:
+    return _norm(remote.join(folder, name))
+
+
+def _with_indexes(urls: list[str], options: ReadOptions) -> ShardSource:
+    """``urls`` plus what the index.json of their folders says: per-shard label counts, and the totals
+    when the urls are all of those folders' shards (a subset of a split: the index cannot tell)."""
+    total: int | None = 0
+    counts: Counter[str] = Counter()
+    shard_labels: dict[str, dict[str, int]] = {}
+    folders = {u: remote.parent(u) for u in urls}
+    if None in folders.values():
+        total = None  # a pipe: command or a signed URL: no index.json to look in
+    for folder in sorted({f for f in folders.values() if f is not None}):
+        try:
+            index = read_index(folder, options)
+        except (FileNotFoundError, PermissionError, ValueError):
+            total = None
+            continue
+        per_shard = index.get("shard_label_counts")
+        if isinstance(per_shard, dict):
+            shard_labels.update({_index_key(folder, name): dict(c) for name, c in per_shard.items()
+                                 if isinstance(c, dict)})
+        listed = {_index_key(folder, name) for name in index["shards"]}
+        if listed != {_norm(u) for u, f in folders.items() if f == folder}:
+            total = None
+        elif total is not None:
+            total += int(index["num_samples"])
+            counts.update(index["label_counts"])
+    return ShardSource(urls, total, None if total is None else dict(counts), shard_labels)
+
+
+def _expand(spec: str, options: ReadOptions) -> list[str] | None:
+    """The shards a pattern or shard spec names (None for a split folder)."""
+    if remote.is_remote(spec):
+        if remote.is_pipe(spec) and "{" in spec:
+            # braces only: the shell's own ${VAR} (e.g. a token) must reach the shell unexpanded
+            return list(braceexpand.braceexpand(spec))
+        if "{" in spec:
+            return list(wds.shardlists.expand_urls(spec))
+        if not remote.is_pipe(spec) and remote.scheme(spec) not in ("http", "https") and any(c in spec for c in "*?["):
+            import fsspec  # object stores can list: s3://bucket/train/shard-*.tar
+
+            fs, _ = fsspec.core.url_to_fs(spec, **options.storage_options)
+            return [fs.unstrip_protocol(path) for path in fs.glob(spec)]
+        # one shard: a command, a .tar URL, or a URL with a query string (a signed URL names one object)
+        one = remote.is_pipe(spec) or remote.looks_like_shard(spec) or "?" in spec
+        return [spec] if one else None
+    if Path(spec).is_dir():
+        return None
     if "{" in spec:
-        urls = list(wds.shardlists.expand_urls(spec))
-    elif any(c in spec for c in "*?["):
-        urls = glob.glob(spec)
-    else:
-        urls = [spec]
+        return list(wds.shardlists.expand_urls(spec))
+    if any(c in spec for c in "*?["):
+        return glob.glob(spec)
+    return [spec]
+
+
+def _local(spec: str) -> str:
+    return remote.local_path(spec) or spec
+
+
+def _folder_source(folder: str, options: ReadOptions) -> ShardSource:
+    index = read_index(folder, options)
+    # a local split's shards are checked to exist; a remote one's fail when they are read
+    shards = [remote.join(folder, n) for n in index["shards"]] if remote.is_remote(folder) else split_shards(folder)
+    per_shard = index.get("shard_label_counts")
+    shard_labels = {_index_key(folder, name): dict(c) for name, c in per_shard.items()
+                    if isinstance(c, dict)} if isinstance(per_shard, dict) else {}
+    return ShardSource(shards, int(index["num_samples"]), dict(index["label_counts"]), shard_labels)
+
+
+def _shards_of(spec: str, options: ReadOptions) -> list[str] | None:
+    """The sorted shards a pattern or shard spec names (checked to exist when local), None for a folder."""
+    urls = _expand(spec, options)
+    if urls is None:
+        return None
     urls = sorted(set(urls))
-    missing = [u for u in urls if not Path(u).is_file()]
+    missing = [u for u in urls if not remote.is_remote(u) and not Path(u).is_file()]
     if not urls or missing:
         raise FileNotFoundError(
             f"data source {spec!r}: expected a split folder with index.json, a tar file, a glob or a brace "
-            f"pattern of tars; no such file(s): {missing or spec}"
+            f"pattern of tars, a URL or a .txt list of them; no such file(s): {missing or spec}"
         )
-    total, counts = 0, Counter()
-    for folder in sorted({str(Path(u).parent) for u in urls}):
-        try:
-            index = read_index(folder)
-        except (FileNotFoundError, ValueError):
-            return urls, None, None
-        listed = {str(Path(folder) / s) for s in index["shards"]}
-        if listed != {u for u in urls if str(Path(u).parent) == folder}:
-            return urls, None, None  # a subset of a split: the index cannot tell how many samples
-        total += int(index["num_samples"])
-        counts.update(index["label_counts"])
-    return urls, total, dict(counts)
+    return urls
+
+
+def _list_source(spec: str, options: ReadOptions) -> ShardSource:
+    """A text file (local or a URL) with one source per line: shards, patterns or split folders (blank
+    lines and ``#`` comments ignored; relative paths are relative to the list's folder). The shards keep
+    the list's order; the index.json of each folder is read once."""
+    data = remote.read_bytes(spec, options).decode("utf-8")
+    base = remote.parent(spec) if remote.is_remote(spec) else os.path.dirname(_local(spec))
+    urls: list[str] = []
+    folders: list[ShardSource] = []
+    loose: list[str] = []  # shards named by patterns or one by one
+    for line in data.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.lower().endswith(LIST_SUFFIX):
+            raise ValueError(f"shard list {spec!r} names another list {line!r}; lists cannot be nested")
+        if not remote.is_remote(line):
+            line = _local(line)
+            if not os.path.isabs(line) and base is not None:
+                line = remote.join(base, line)
+        shards = _shards_of(line, options)
+        if shards is None:
+            folders.append(_folder_source(line, options))
+            urls += folders[-1].urls
+        else:
+            loose += shards
+            urls += shards
+    if not urls:
+        raise ValueError(f"shard list {spec!r} names no shard (one path or URL per line)")
+    twice = sorted(u for u, n in Counter(_norm(u) for u in urls).items() if n > 1)
+    if twice:
+        raise ValueError(f"shard list {spec!r} names these shards more than once: {twice[:5]}")
+    parts = folders + ([_with_indexes(loose, options)] if loose else [])
+    known = all(p.num_samples is not None and p.label_counts is not None for p in parts)
+    labels: Counter[str] = Counter()
+    for p in parts:
+        labels.update(p.label_counts or {})
+    return ShardSource(urls, sum(p.num_samples for p in parts) if known else None, dict(labels) if known else None,
+                       {k: v for p in parts for k, v in p.shard_labels.items()})
+
+
+def find_shards(spec: str, options: ReadOptions | None = None) -> ShardSource:
+    """The shards of a data source: a split folder (with index.json), a brace pattern
+    (``a/shard-{000000..000003}.tar``), a glob (``a/*.tar``), a tar file, any of these as a URL
+    (``s3://bucket/iemocap/train``, ``https://host/train/shard-{000000..000009}.tar``, ``pipe:COMMAND``)
+    or a ``.txt`` file listing them, one per line. Patterns give their shards sorted; a list keeps its
+    order. Raises FileNotFoundError naming the spec when a local path matches nothing, and
+    SourceReadError naming the URL when an index.json or list cannot be read."""
+    options = options or ReadOptions()
+    if spec.lower().endswith(LIST_SUFFIX):
+        return _list_source(spec, options)
+    spec = spec if remote.is_remote(spec) else _local(spec)  # file:// URLs become paths
+    shards = _shards_of(spec, options)
+    return _folder_source(spec, options) if shards is None else _with_indexes(shards, options)
+
+
+def resolve_shards(spec: str, options: ReadOptions | None = None) -> tuple[list[str], int | None, dict[str, int] | None]:
+    """``find_shards`` as (shard paths or URLs, num_samples or None, label_counts or None)."""
+    source = find_shards(spec, options)
+    return source.urls, source.num_samples, source.label_counts
 
 
 def count_in_label_set(label_counts: dict[str, int] | None, num_samples: int | None,
@@ -188,29 +335,35 @@ def count_in_label_set(label_counts: dict[str, int] | None, num_samples: int | N
     return sum(n for lab, n in label_counts.items() if try_normalize_label(lab, label_set) is not None)
 
 
+def _usable(labels: dict[str, int], label_set: tuple[str, ...]) -> int:
+    return sum(n for lab, n in labels.items() if try_normalize_label(lab, label_set) is not None)
+
+
 def indexed_shard_label_counts(urls: list[str]) -> dict[str, dict[str, int]]:
     """``{shard path: {label: n}}`` for the shards whose folder's index.json has ``shard_label_counts``."""
-    out: dict[str, dict[str, int]] = {}
-    for folder in sorted({str(Path(u).parent) for u in urls}):
-        try:
-            per_shard = read_index(folder).get("shard_label_counts")
-        except (FileNotFoundError, ValueError):
-            continue
-        if isinstance(per_shard, dict):
-            out.update({str(Path(folder) / name): dict(c) for name, c in per_shard.items() if isinstance(c, dict)})
-    return out
+    return _with_indexes(list(urls), ReadOptions()).shard_labels
 
 
-def shard_usable_counts(urls: list[str], label_set: tuple[str, ...]) -> list[int]:
-    """Usable samples (label in the label set) per shard, from index.json or, where it lacks them, by
-    reading the shard's .json members (``count_shard_labels``)."""
-    indexed = indexed_shard_label_counts(urls)
+def shard_usable_counts(urls: list[str], label_set: tuple[str, ...], known: dict[str, dict[str, int]] | None = None,
+                        options: ReadOptions | None = None) -> list[int]:
+    """Usable samples (label in the label set) per shard, from index.json (``known``: per-shard label
+    counts already read, e.g. ``ShardSource.shard_labels``) or, where it lacks them, by reading the
+    shard's .json members (``count_shard_labels``; a remote shard is downloaded for it)."""
+    options = options or ReadOptions()
+    indexed = indexed_shard_label_counts(urls) if known is None else known
+    unknown = [u for u in urls if _norm(u) not in indexed]
+    remote_unknown = [u for u in unknown if remote.is_remote(u)]
+    if remote_unknown:
+        log.warning("%d remote shard(s) have no per-shard counts in an index.json next to them (first: %s): "
+                    "reading them once to count their samples. Put the split's index.json (from emorl-data) "
+                    "next to the shards to skip this download.", len(remote_unknown),
+                    remote.display_url(remote_unknown[0]))
     counts = []
     for url in urls:
-        labels = indexed.get(str(Path(url)))
+        labels = indexed.get(_norm(url))
         if labels is None:
-            labels = count_shard_labels(url)
-        counts.append(sum(n for lab, n in labels.items() if try_normalize_label(lab, label_set) is not None))
+            labels = count_shard_labels(url, options)
+        counts.append(_usable(labels, label_set))
     return counts
 
 
@@ -316,8 +469,13 @@ class _ShardStream(IterableDataset):
     def __init__(self, urls: list[str], *, train: bool, batch_size: int, rank: int, world_size: int,
                  sample_rate: int, max_duration: float | None, label_set: tuple[str, ...], seed: int = 0,
                  epoch: int = 0, num_batches: int = 0, shuffle_buffer: int = 0, counts: list[int] | None = None,
-                 pass_batches: int = 0) -> None:
+                 pass_batches: int = 0, read_options: ReadOptions | None = None,
+                 shard_counts: list[int | None] | None = None) -> None:
         self.urls, self.train, self.batch_size = list(urls), train, batch_size
+        self.read_options = read_options or ReadOptions()
+        # evaluation: usable samples per shard where index.json says (to keep the ranks in step when a
+        # shard cannot be read), else None
+        self.shard_counts = list(shard_counts) if shard_counts is not None else [None] * len(self.urls)
         self.rank, self.world_size = rank, world_size
         self.decode_kw = dict(sample_rate=sample_rate, max_duration=max_duration, label_set=label_set)
         self.sample_rate, self.label_set = sample_rate, label_set
@@ -328,18 +486,28 @@ class _ShardStream(IterableDataset):
         self._worker = 0
         self._substitutes: dict[int, dict] = {}
 
-    def _skip(self, msg: str, level: int = logging.WARNING, label: str | None = None) -> None:
-        log.log(level, "skipping sample: %s", msg)
-        self._skips.append((msg, label))
+    def _skip(self, msg: str, level: int = logging.WARNING, label: str | None = None,
+              shard: str | None = None) -> None:
+        log.log(level, "skipping %s: %s", "sample" if shard is None else "shard", msg)
+        self._skips.append((msg, label, shard))
 
     def _tar_handler(self, exn: Exception) -> bool:
         self._skip(f"unreadable shard data: {exn!r}")
-        return True  # continue with the next record/shard
+        return True  # continue with the next record
 
-    def _records(self, urls: list[str]) -> Iterator[dict]:
-        # Every rank and worker reads all of an evaluation set: one of them reports unreadable data.
-        handler = self._tar_handler if self.rank == 0 and self._worker == 0 else _ignore
-        return wds.tarfile_samples(({"url": u} for u in urls), handler=handler)
+    def _read(self, url: str, handler: Callable[[Exception], bool] = _ignore) -> Iterator[dict]:
+        """The records of one shard (remote ones retried, see remote.shard_records); SourceReadError when
+        it cannot be read. ``handler`` gets bad data inside a readable shard (a duplicate member...)."""
+        return remote.shard_records(url, self.read_options, handler)
+
+    def _readable_records(self, urls: tuple[str, ...] | list[str]) -> Iterator[dict]:
+        """The records of ``urls`` in order, passing over shards that cannot be read (reported where they
+        are read for real: this is for padding rows only)."""
+        for url in urls:
+            try:
+                yield from self._read(url)
+            except SourceReadError:
+                continue
 
     def _decode(self, record: dict, count: bool = True) -> tuple[dict | None, str | None]:
         """(sample, None), or (None, why) for a record that cannot be decoded (logged and counted
@@ -384,13 +552,13 @@ class _ShardStream(IterableDataset):
         try:
             record_meta(record, self.label_set)
         except LabelOutsideSetError as exc:
-            return str(exc), logging.DEBUG, exc.label
+            return str(exc), logging.DEBUG, exc.label, None
         except SampleDecodeError as exc:
-            return str(exc), logging.WARNING, None
+            return str(exc), logging.WARNING, None, None
         return None
 
     def _note_tar_error(self, exn: Exception) -> bool:
-        self._pending.append((f"unreadable shard data: {exn!r}", logging.WARNING, None))
+        self._pending.append((f"unreadable shard data: {exn!r}", logging.WARNING, None, None))
         return True
 
     def _rank_records(self, plan: RankPass) -> Iterator[dict]:
@@ -399,19 +567,29 @@ class _ShardStream(IterableDataset):
         for sl in plan.shards:
             handler = self._note_tar_error if sl.report else _ignore
             q = 0  # usable records of this shard so far
-            for record in wds.tarfile_samples([{"url": sl.url}], handler=handler):
-                problem = self._problem(record)
-                if problem is None and q < sl.count:
-                    pos, q = sl.start + q, q + 1
-                    if plan.lo <= pos < plan.hi:
-                        yield record
-                    elif pos >= plan.hi and not sl.report:
-                        break  # the rest of the shard belongs to later ranks, which report it
-                elif sl.report:
-                    self._pending.append(problem or (
-                        f"{record.get('__url__')}:{record.get('__key__')}: the shard has more usable samples "
-                        f"than its index.json lists ({sl.count}); stale index, re-run the conversion",
-                        logging.WARNING, None))
+            records = self._read(sl.url, handler)
+            try:
+                for record in records:
+                    problem = self._problem(record)
+                    if problem is None and q < sl.count:
+                        pos, q = sl.start + q, q + 1
+                        if plan.lo <= pos < plan.hi:
+                            yield record
+                        elif pos >= plan.hi and not sl.report:
+                            break  # the rest of the shard belongs to later ranks, which report it
+                    elif sl.report:
+                        self._pending.append(problem or (
+                            f"{remote.display_url(sl.url)}:{record.get('__key__')}: the shard has more usable "
+                            f"samples than its index.json lists ({sl.count}); stale index, re-run the conversion",
+                            logging.WARNING, None, None))
+            except SourceReadError as exc:
+                # Every rank that reads the shard reports its own failure: the rows it loses are its own.
+                lost = max(0, min(plan.hi, sl.start + sl.count) - max(plan.lo, sl.start + q))
+                self._pending.append((f"{exc}; skipped: {lost} sample(s) of rank {self.rank}'s share of the pass "
+                                      "are replaced by padding", logging.WARNING, None, sl.url))
+                continue
+            finally:
+                records.close()
             if sl.report and q < sl.count and self._worker == 0:
                 log.warning("shard %s gave %d usable samples, its index.json lists %d (stale index or unreadable "
                             "data): the missing rows are padded", sl.url, q, sl.count)
@@ -471,8 +649,7 @@ class _ShardStream(IterableDataset):
             if found is None:  # this rank has no decodable sample in this pass: borrow one
                 order = plan_rank_pass(self.urls, self.counts, seed=self.seed, pass_index=pass_index, rank=self.rank,
                                        world_size=self.world_size).order
-                records = wds.tarfile_samples(({"url": u} for u in order), handler=_ignore)
-                found = self._first_decodable(r for r in records if self._problem(r) is None)
+                found = self._first_decodable(r for r in self._readable_records(order) if self._problem(r) is None)
             if found is None:
                 raise RuntimeError(f"training shards have no decodable sample with a label in {list(self.label_set)} "
                                    f"(rank {self.rank}, pass {pass_index}): {self.urls[:3]}"
@@ -505,8 +682,8 @@ class _ShardStream(IterableDataset):
             pass_index = g // per_pass
             for rows, pool, problems in self._pass_batches(pass_index):
                 if g >= first and (g - first) % num_workers == worker:
-                    for msg, level, label in problems:
-                        self._skip(msg, level, label)
+                    for msg, level, label, shard in problems:
+                        self._skip(msg, level, label, shard)
                     yield self._train_rows(rows, pool, pass_index)
                     if g == last:
                         return
@@ -514,37 +691,73 @@ class _ShardStream(IterableDataset):
 
     # -- evaluation: each sample once across ranks, in order; short ranks padded with flagged copies --
     def _eval_batches(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
+        R, B = self.world_size, self.batch_size
         j = 0  # index among records with a usable label
+        i = 0  # index among all records
         batch: list[dict] = []
         filler: dict | None = None
-        for i, record in enumerate(self._records(self.urls)):
+        # Every rank and worker reads all of an evaluation set: one of them reports unreadable data.
+        handler = self._tar_handler if self.rank == 0 and worker == 0 else _ignore
+
+        def position(pos: int) -> int | None:
+            """This rank's index m of usable sample ``pos`` when this worker hands out its batch, else None."""
+            m = pos // R
+            return m if pos % R == self.rank and (m // B) % num_workers == worker else None
+
+        for url, expected in zip(self.urls, self.shard_counts):
+            first = j
+            records = self._read(url, handler)
             try:
-                meta = json.loads(record.get("json", b"null"))
-                label = try_normalize_label(meta.get("label"), self.label_set)
-            except (ValueError, AttributeError, UnicodeDecodeError):
-                label = None
-            if label is None:
-                # the owner of raw record i reports it (worker 0), so each bad record is counted once
-                if i % self.world_size == self.rank and worker == 0:
-                    self._decode(record)  # raises inside -> logged and counted with the precise reason
-                continue
-            owner, j = j % self.world_size, j + 1
-            if owner != self.rank:
-                continue
-            m = (j - 1) // self.world_size  # position among this rank's samples
-            if (m // self.batch_size) % num_workers != worker:
-                continue
-            sample, error = self._decode(record)
-            if sample is None:
-                # Keep the row: dropping it could leave this rank with fewer (or empty) batches than the
-                # others, and ranks of a sharded model hang when their step counts differ.
-                sample = placeholder_sample(str(record.get("__key__")), label, self.sample_rate, error, meta)
-            else:
-                filler = sample
-            batch.append(sample)
-            if (m + 1) % self.batch_size == 0:
-                yield batch
-                batch = []
+                for record in records:
+                    i += 1
+                    try:
+                        meta = json.loads(record.get("json", b"null"))
+                        label = try_normalize_label(meta.get("label"), self.label_set)
+                    except (ValueError, AttributeError, UnicodeDecodeError):
+                        label = None
+                    if label is None:
+                        # the owner of raw record i reports it (worker 0), so each bad record is counted once
+                        if (i - 1) % R == self.rank and worker == 0:
+                            self._decode(record)  # raises inside -> logged and counted with the precise reason
+                        continue
+                    j += 1
+                    m = position(j - 1)
+                    if m is None:
+                        continue
+                    sample, error = self._decode(record)
+                    if sample is None:
+                        # Keep the row: dropping it could leave this rank with fewer (or empty) batches than
+                        # the others, and ranks of a sharded model hang when their step counts differ.
+                        sample = placeholder_sample(str(record.get("__key__")), label, self.sample_rate, error, meta)
+                    else:
+                        filler = sample
+                    batch.append(sample)
+                    if (m + 1) % B == 0:
+                        yield batch
+                        batch = []
+            except SourceReadError as exc:
+                if worker == 0:
+                    self._skip(f"{exc}; skipped", shard=url)
+                if expected is None:
+                    if worker == 0:
+                        log.warning("%s: no index.json lists its samples, so its unread ones cannot be replaced by "
+                                    "placeholders; the ranks may run different numbers of evaluation steps",
+                                    remote.display_url(url))
+                    continue
+                # The shard's unread samples become placeholder rows (is_pad, with the error), so that every
+                # rank keeps the positions, and the number of steps, it would have had.
+                for pos in range(j, first + expected):
+                    m = position(pos)
+                    if m is None:
+                        continue
+                    batch.append(placeholder_sample(f"{remote.display_url(url)}#{pos - first}", self.label_set[0],
+                                                    self.sample_rate, str(exc)))
+                    if (m + 1) % B == 0:
+                        yield batch
+                        batch = []
+                j = max(j, first + expected)
+            finally:
+                records.close()
         if batch:
             yield batch
         mine = j // self.world_size + (1 if self.rank < j % self.world_size else 0)
@@ -560,7 +773,7 @@ class _ShardStream(IterableDataset):
                 yield [dict(filler, is_pad=True, error=None)]
 
     def _first_sample(self) -> dict | None:
-        for record in wds.tarfile_samples(({"url": u} for u in self.urls), handler=_ignore):
+        for record in self._readable_records(self.urls):
             try:
                 return decode_record(record, **self.decode_kw)
             except SampleDecodeError:
@@ -582,10 +795,12 @@ class ShardLoader:
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, counter: Counter, name: str,
                  length: int | None, layout: dict[str, Any] | None = None,
-                 dropped_labels: Counter | None = None, cropped: CroppedAudio | None = None) -> None:
+                 dropped_labels: Counter | None = None, cropped: CroppedAudio | None = None,
+                 failed_shards: Counter | None = None) -> None:
         self.stream, self.num_workers, self.counter, self.name = stream, num_workers, counter, name
         self.length, self.layout = length, dict(layout or {})
         self.dropped_labels = Counter() if dropped_labels is None else dropped_labels
+        self.failed_shards = Counter() if failed_shards is None else failed_shards
         self.cropped = CroppedAudio() if cropped is None else cropped
         self.epoch, self.batches = 0, 0
         self._resume_skip = 0
@@ -623,12 +838,18 @@ class ShardLoader:
                             persistent_workers=False)
         skipped, summarised = 0, False
         labels: Counter[str] = Counter()  # this iteration's label drops, for its summary
+        failed: Counter[str] = Counter()  # this iteration's shards given up on
         for batch, skips in loader:
-            if skips:
-                self.counter[self.name] += len(skips)
-                skipped += len(skips)
-                labels.update(label for _, label in skips if label is not None)
-                self.dropped_labels.update(label for _, label in skips if label is not None)
+            for _, label, shard in skips:
+                if shard is not None:
+                    failed[shard] += 1
+                    self.failed_shards[shard] += 1
+                    continue
+                self.counter[self.name] += 1
+                skipped += 1
+                if label is not None:
+                    labels[label] += 1
+                    self.dropped_labels[label] += 1
             if batch is None:
                 continue
             if dropped > 0:
@@ -641,7 +862,7 @@ class ShardLoader:
             # Lightning stops after len() batches without exhausting this generator: what must happen at
             # the end of the epoch happens when its last batch is handed out.
             if self.length is not None and handed >= self.length and not summarised:
-                self._summary(skipped, labels)
+                self._summary(skipped, labels, failed)
                 summarised = True
             if train and self.length is not None and handed >= self.length:
                 # the epoch advances here, or every epoch would replay the same shuffle
@@ -652,7 +873,7 @@ class ShardLoader:
         if train:
             self.epoch, self.batches = self.epoch + 1, 0
         if not summarised:
-            self._summary(skipped, labels)
+            self._summary(skipped, labels, failed)
 
     def _count_crops(self, batch: Batch) -> None:
         limit = self.stream.decode_kw["max_duration"]
@@ -662,7 +883,12 @@ class ShardLoader:
         self.cropped.add([float(meta.get("seconds_cropped", 0.0)) for meta, pad in zip(batch["meta"], batch["is_pad"])
                           if not pad], limit)
 
-    def _summary(self, skipped: int, labels: Counter[str]) -> None:
+    def _summary(self, skipped: int, labels: Counter[str], failed: Counter[str]) -> None:
+        if failed:
+            shown = [remote.display_url(u) for u in sorted(failed)]
+            log.warning("%s: %d shard(s) could not be read on rank %d and were skipped (counted in the data "
+                        "module's failed_shards[%r]): %s%s", self.name, len(failed), self.stream.rank, self.name,
+                        shown[:5], " ..." if len(shown) > 5 else "")
         if not skipped:
             return
         outside = sum(labels.values())
@@ -684,7 +910,10 @@ class ShardDataModule(L.LightningDataModule):
     """Train / valid / named test sets from WebDataset shard folders (see the module docstring).
 
     Args:
-        train, valid: a split folder (``data/iemocap/train``), a glob or a brace pattern of tars.
+        train, valid: a split folder (``data/iemocap/train``), a glob or a brace pattern of tars, the same
+            as a URL (``s3://bucket/iemocap/train``, ``https://host/train/shard-{000000..000009}.tar``,
+            ``pipe:curl -s -f https://host/train/shard-{000000..000009}.tar``), or a ``.txt`` file listing
+            such sources one per line (see ``find_shards``).
         test: one source, or ``{name: source}`` for several test sets (cross-corpus evaluation);
             ``test_set_names[dataloader_idx]`` gives each name.
         label_set: a label set name or list; samples whose label (alias-normalised) is outside it are
@@ -695,6 +924,14 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples in the training shuffle buffer.
         epoch_length: training batches per rank per epoch (default: one pass, ceil(ceil(U / R) / batch_size)
             for U usable samples and R ranks).
+        read_retries: a remote shard (or index.json) that fails with a network error is read again this many
+            times at most; then the shard is skipped (logged, counted in ``failed_shards[split]``, its rows
+            padded) and the index.json/list is an error naming the URL.
+        read_retry_wait: seconds before the first retry, doubled before each next one.
+        read_timeout: seconds without data after which an http(s) or ``pipe:`` read fails (one attempt).
+        storage_options: passed to fsspec for ``s3://``, ``gs://``... (``{"anon": true}``,
+            ``{"endpoint_url": ...}``); credentials belong in the backend's environment variables or
+            config files, not here.
     """
 
     def __init__(
@@ -711,6 +948,10 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         epoch_length: int | None = None,
+        read_retries: int = 3,
+        read_retry_wait: float = 1.0,
+        read_timeout: float = 30.0,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -725,7 +966,11 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.epoch_length = epoch_length
+        self.read_options = ReadOptions(retries=read_retries, retry_wait=read_retry_wait, timeout=read_timeout,
+                                        storage_options=dict(storage_options or {}))
         self.skipped: Counter[str] = Counter()
+        # split -> {shard: times it could not be read and was skipped} (each rank counts its own)
+        self.failed_shards: dict[str, Counter[str]] = {}
         # split -> {label: samples skipped because their label is outside label_set}
         self.dropped_labels: dict[str, Counter[str]] = {}
         # split -> running totals of the samples handed out cropped to max_duration
@@ -747,7 +992,8 @@ class ShardDataModule(L.LightningDataModule):
         cropped = self.cropped.setdefault(name, CroppedAudio(
             what="max_duration={limit:g} s of the " + name + " data",
             where=f"counted in the data module's cropped[{name!r}]; each sample's meta has seconds_cropped"))
-        return {"dropped_labels": self.dropped_labels.setdefault(name, Counter()), "cropped": cropped}
+        return {"dropped_labels": self.dropped_labels.setdefault(name, Counter()), "cropped": cropped,
+                "failed_shards": self.failed_shards.setdefault(name, Counter())}
 
     def _source(self, kind: str, spec: str | None) -> str:
         if spec is None:
@@ -760,8 +1006,9 @@ class ShardDataModule(L.LightningDataModule):
         rank, world_size = (r if rank is None else rank), (ws if world_size is None else world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        urls, _, _ = resolve_shards(self._source("train", self.train_source))
-        counts = shard_usable_counts(urls, self.label_set)
+        source = find_shards(self._source("train", self.train_source), self.read_options)
+        urls = source.urls
+        counts = shard_usable_counts(urls, self.label_set, source.shard_labels, self.read_options)
         total = sum(counts)
         if total == 0:
             raise ValueError(f"train source {self.train_source!r} has no sample with a label in "
@@ -771,7 +1018,8 @@ class ShardDataModule(L.LightningDataModule):
         stream = _ShardStream(urls, train=True, batch_size=self.batch_size, rank=rank, world_size=world_size,
                               sample_rate=self.sample_rate, max_duration=self.max_duration,
                               label_set=self.label_set, seed=self.seed, num_batches=num_batches,
-                              shuffle_buffer=self.shuffle_buffer, counts=counts, pass_batches=pass_batches)
+                              shuffle_buffer=self.shuffle_buffer, counts=counts, pass_batches=pass_batches,
+                              read_options=self.read_options)
         layout = {"world_size": world_size, "batch_size": self.batch_size, "seed": self.seed, "samples": total,
                   "epoch_length": self.epoch_length}
         return ShardLoader(stream, num_workers=self.num_workers, counter=self.skipped, name="train",
@@ -782,13 +1030,16 @@ class ShardDataModule(L.LightningDataModule):
         """An evaluation loader (each sample once across ranks) over ``source``; skips counted under ``name``."""
         r, ws = self.distributed_info()
         rank, world_size = (r if rank is None else rank), (ws if world_size is None else world_size)
-        urls, num_samples, counts = resolve_shards(source)
-        usable = count_in_label_set(counts, num_samples, self.label_set)
+        found = find_shards(source, self.read_options)
+        usable = count_in_label_set(found.label_counts, found.num_samples, self.label_set)
+        shard_counts = [None if _norm(u) not in found.shard_labels else _usable(found.shard_labels[_norm(u)], self.label_set)
+                        for u in found.urls]
         # Every rank runs as many batches as the largest share (short ranks are padded, see _eval_batches).
         length = None if usable is None else math.ceil(math.ceil(usable / world_size) / self.eval_batch_size)
-        stream = _ShardStream(urls, train=False, batch_size=self.eval_batch_size, rank=rank,
+        stream = _ShardStream(found.urls, train=False, batch_size=self.eval_batch_size, rank=rank,
                               world_size=world_size, sample_rate=self.sample_rate,
-                              max_duration=self.max_duration, label_set=self.label_set)
+                              max_duration=self.max_duration, label_set=self.label_set,
+                              read_options=self.read_options, shard_counts=shard_counts)
         return ShardLoader(stream, num_workers=self.num_workers, counter=self.skipped, name=name, length=length,
                            **self._tallies(name))
 
