@@ -42,7 +42,7 @@ from emorl_pl.run_identity import (
     ResumeConfigError,
     check_resume,
 )
-from emorl_pl.strategies import FSDP2Strategy
+from emorl_pl.strategies import FSDP2Strategy, LaunchMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_known_noise()
     try:
         run_cli(args)
-    except (ResumeError, ResumeConfigError) as e:
+    except (ResumeError, ResumeConfigError, LaunchMismatchError) as e:
         print(f"emorl: error: {e}", file=sys.stderr)
         sys.exit(2)
 

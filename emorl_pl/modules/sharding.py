@@ -1,12 +1,15 @@
 """FSDP2 (``fully_shard``) for the policy, applied in ``configure_model`` under ModelParallelStrategy.
 
 Why FSDP2 and not Lightning's FSDPStrategy: FSDP1 breaks ``manual_backward`` inside ``training_step``
-(Lightning issues #19626, #19685) and refuses CPU. ``ModelParallelStrategy(data_parallel_size=N,
-tensor_parallel_size=1)`` gives a 1-D data-parallel mesh; each transformer block (audio encoder and
-language model) becomes its own FSDP unit, then the root, so only one block's full weights live on a
-device at a time. Modules that the policy calls directly, bypassing the root's forward (embeddings,
-the decoder stack, lm_head, the audio tower), are units of their own so that their parameters are
-gathered when called; the root is lazily initialised right away so that it stays the root.
+(Lightning issues #19626, #19685) and refuses CPU. ``FSDP2Strategy`` gives a ``("dp_replicate", "dp_shard")``
+mesh: with one replica it is plain FSDP2 over ``dp_shard``; with several (nodes) it is HSDP, as in
+torchtitan: ``fully_shard`` on the 2-D mesh shards each unit over ``dp_shard`` (a node) and replicates it
+over ``dp_replicate``; gathers and reduce-scatters stay in the shard group, gradients are then all-reduced
+across replicas. Each transformer block (audio encoder and language model) becomes its own FSDP unit,
+then the root, so only one block's full weights live on a device at a time. Modules that the policy calls
+directly, bypassing the root's forward (embeddings, the decoder stack, lm_head, the audio tower), are
+units of their own so that their parameters are gathered when called; the root is lazily initialised
+right away so that it stays the root.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def _depth_sorted(model: nn.Module, modules: list[nn.Module]) -> list[nn.Module]
     return sorted(unique.values(), key=lambda m: -depth[id(m)])
 
 
+def fsdp_mesh(mesh):
+    """The mesh ``fully_shard`` gets: ``FSDP2Strategy``'s 2-D ``("dp_replicate", "dp_shard")`` mesh when it has
+    several replicas (HSDP), its ``dp_shard`` dimension when it has one (FSDP2); a mesh with a ``data_parallel``
+    dimension (Lightning's ModelParallelStrategy) gives that dimension; any other mesh is used as it is."""
+    names = mesh.mesh_dim_names or ()
+    if "dp_replicate" in names and "dp_shard" in names:
+        return mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
 def shard_model(
     model: nn.Module, mesh, *, extra_units: list[nn.Module] = (), reshard_after_forward: bool = True,
     mp_policy=None,
@@ -44,14 +57,14 @@ def shard_model(
 
     ``extra_units``: modules called directly rather than through the root forward (embeddings, the
     decoder stack, lm_head, the audio tower): each must be a unit of its own or its parameters are
-    never gathered. ``mesh`` is the strategy's device mesh (its ``data_parallel`` dimension is used);
-    ``mp_policy`` an FSDP2 ``MixedPrecisionPolicy`` for every unit (None: compute in the loaded dtype).
+    never gathered. ``mesh`` is the strategy's device mesh (see ``fsdp_mesh``); ``mp_policy`` an FSDP2
+    ``MixedPrecisionPolicy`` for every unit (None: compute in the loaded dtype).
     """
     from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):
         return model
-    dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    dp_mesh = fsdp_mesh(mesh)
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for unit in _depth_sorted(model, transformer_blocks(model) + list(extra_units)):
         fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
