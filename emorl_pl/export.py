@@ -10,7 +10,8 @@
 
 ``--config`` is the run's config (LightningCLI saves it as ``config.yaml`` in the log folder); only its
 ``model.init_args.policy`` block is used. The checkpoint holds trainable weights only (LoRA), so the base
-weights come from ``model_dir``.
+weights come from ``model_dir``: the model is built empty, the checkpoint's weights are copied into it and
+only the others are read from ``model_dir`` (one copy of the model in memory).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from emorl_pl.checkpointing import (
     consolidate_sharded_checkpoint,
-    load_checkpoint_file_or_folder,
+    is_sharded_checkpoint,
     policy_state_dict,
 )
 from emorl_pl.modules.hub_layout import save_in_hub_layout
@@ -53,15 +56,51 @@ def policy_from_config(config_path: str | Path, model_dir: str | None = None) ->
     return AudioLMPolicy(**args)
 
 
+def trained_policy_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The policy's tensors of a checkpoint (keys relative to the policy), and nothing else of it: a ``.ckpt``
+    file is memory-mapped (its optimizer state is never read); of a sharded folder only the
+    ``state_dict.policy.*`` tensors are read (no consolidation of the whole folder)."""
+    path = Path(ckpt)
+    if not is_sharded_checkpoint(path):
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a folder but not a sharded checkpoint (no .metadata inside)")
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return policy_state_dict(checkpoint)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "state_dict.policy."
+    wanted = {key[len("state_dict."):]: item for key, item in metadata.items()
+              if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    if not wanted:
+        raise KeyError(f"{path}: no tensor under {prefix!r} in this sharded checkpoint")
+    state = {"state_dict": {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in wanted.items()}}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return policy_state_dict(state)
+
+
 def load_trained_policy(config: str | Path, ckpt: str | Path, model_dir: str | None = None) -> AudioLMPolicy:
-    """Base model from ``model_dir`` + the checkpoint's trainable weights (LoRA), on CPU, in eval mode."""
-    policy = policy_from_config(config, model_dir).load()
-    state = policy_state_dict(load_checkpoint_file_or_folder(ckpt))
-    result = policy.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise KeyError(f"{ckpt}: {len(result.unexpected_keys)} keys do not belong to the policy of {config}, "
-                       f"e.g. {result.unexpected_keys[:3]} (different LoRA settings or model?)")
-    missing_trainable = sorted(set(policy.trainable_parameter_names()) - set(state))
+    """Base model from ``model_dir`` + the checkpoint's trainable weights, on CPU, in eval mode.
+
+    The model is built empty and filled once (``AudioLMPolicy.load(weights=...)``): the checkpoint's weights
+    go straight into it and only the others are read from ``model_dir``, so no base copy of the trained
+    weights and no frozen reference copy is ever made (one model in memory, plus the checkpoint's tensors
+    until each is copied)."""
+    policy = policy_from_config(config, model_dir)
+    state = trained_policy_weights(ckpt)
+    names = set(state)
+    try:
+        policy.load(reference=False, weights=state)
+    except KeyError as err:
+        raise KeyError(f"{ckpt}: checkpoint keys do not belong to the policy of {config}: {err.args[0]} (different "
+                       "LoRA settings or model?)") from err
+    missing_trainable = sorted(set(policy.trainable_parameter_names()) - names)
     if missing_trainable:
         raise KeyError(f"{ckpt}: trainable weights missing from the checkpoint, e.g. {missing_trainable[:3]}")
     return policy.eval()

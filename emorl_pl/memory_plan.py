@@ -234,7 +234,9 @@ class PlanSettings:
     ``reference_sharded`` (full fine-tuning: the reference sharded like the policy, in ``reference_dtype``
     or else the compute dtype) and ``rollout_gathered`` (the whole model gathered for the rollout, the
     "hybrid engine") describe the issue-12 code; the defaults describe the code before it (an unsharded
-    reference copy in the policy dtype on every rank; units gathered one at a time).
+    reference copy in the policy dtype on every rank; units gathered one at a time). ``sharded_loading``
+    (FSDP2: the model built on the meta device, each rank reading only its shards from the files,
+    ``emorl_pl.modules.loading``) only changes the host-RAM note; False: every rank loads the whole model first.
 
     ``rollout_engine`` "vllm": a colocated vLLM engine samples the rollouts (``AudioLMPolicy(rollout_engine=...,
     vllm=VLLMSettings(...))``); ``vllm_*`` are its ``VLLMSettings`` (None: that dataclass's default, read from
@@ -267,6 +269,7 @@ class PlanSettings:
     fsdp_sync: str = "per_backward"
     reference_sharded: bool = False
     reference_dtype: str | None = None
+    sharded_loading: bool = False
     rollout_gathered: bool = False
     rollout_engine: str = "fused"
     vllm_gpu_memory_utilization: float | None = None
@@ -775,13 +778,29 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
                          "unsharded on every rank, even with beta = 0 (issue 12: shard it, in bf16)")
     if s.strategy == "ddp":
         always.append(Piece("DDP gradient buckets", grads, "a flat copy of the gradients"))
-    if s.num_gpus > 1:
+    if s.num_gpus > 1 and s.strategy == "fsdp2" and s.sharded_loading:
+        # Each rank reads only its rows of every tensor (policy, and the full fine-tuning reference) from the
+        # safetensors files, straight to its device (emorl_pl.modules.loading): nothing whole in host RAM.
+        per_rank = n_total * (b_p + (0 if s.lora else s.reference_bytes)) / s.shards / GiB
+        whole = n_total * b_p / GiB
+        what = "every tensor" if s.lora else "every tensor of the policy and the reference"
+        if s.device == "cuda":
+            head, to = "none for the weights", f"to its GPU through a 1 MiB buffer, {per_rank:.1f} GiB per GPU"
+        else:
+            head, to = "no whole copy", (f"into its own memory, {per_rank:.1f} GiB per process, "
+                                         f"{s.num_gpus * per_rank:.0f} GiB in all")
+        notes.append(f"host RAM while loading: {head}: each of the {s.num_gpus} processes reads only its 1/{s.shards}"
+                     f" of {what} from the safetensors files {to}; a folder that cannot be read that way (e.g. .bin "
+                     f"weights) loads whole on every process first: {s.num_gpus} x {whole:.1f} = "
+                     f"{s.num_gpus * whole:.0f} GiB")
+    elif s.num_gpus > 1:
         # Before issue 12 the reference is a deep copy next to the loaded model; after, it is loaded once the
         # policy is sharded, so one full copy is in host RAM at a time.
         copy_too = not s.lora and not s.reference_sharded
         host = n_total * (b_p + (s.reference_bytes if copy_too else 0)) / GiB
         notes.append(f"host RAM while loading: each of the {s.num_gpus} processes loads the whole model on the CPU in "
-                     f"the policy dtype{' and deep-copies the reference' if copy_too else ''} before sharding: "
+                     f"the policy dtype{' and deep-copies the reference' if copy_too else ''}"
+                     f"{' before sharding' if s.strategy == 'fsdp2' else ''}: "
                      f"{s.num_gpus} x {host:.1f} = {s.num_gpus * host:.0f} GiB")
     rollout_buffers = s.accumulate_grad_batches * (
         s.batch_size * p_len * g.hidden_size * b_p  # prompt embeddings

@@ -404,6 +404,7 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
         fsdp_sync=_choice(strategy_args.get("sync_gradients", "per_step"), "trainer.strategy.init_args.sync_gradients",
                           where_trainer, ("per_step", "per_backward")),
         reference_sharded=strategy == "fsdp2",
+        sharded_loading=strategy == "fsdp2",
         reference_dtype=reference_dtype,
         rollout_gathered=strategy == "fsdp2" and str(policy["fused_decode"]) != "off" and rollout_engine == "fused",
         rollout_engine=rollout_engine,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +30,8 @@ from emorl_pl.grpo import (
     linear_token_logprobs,
     token_logprobs,
 )
+from emorl_pl.modules import loading, sampling, scoring
 from emorl_pl.modules import reference as ref_weights
-from emorl_pl.modules import sampling, scoring
 from emorl_pl.modules.families import AudioLMFamily, family_for, import_class
 from emorl_pl.modules.prompting import CroppedAudio, PromptEmbeds, Prompts, build_prompts
 from emorl_pl.modules.sampling import (
@@ -195,15 +195,28 @@ class AudioLMPolicy(nn.Module):
     def loaded(self) -> bool:
         return self.model is not None
 
-    def load(self, reference: bool = True) -> AudioLMPolicy:
+    def load(self, reference: bool = True, weights: MutableMapping[str, Tensor] | None = None) -> AudioLMPolicy:
         """Load processor and model from ``model_dir``, apply freezing, LoRA, checkpointing. Idempotent.
 
-        ``reference=False`` (full fine-tuning about to be sharded): no frozen reference copy yet; ``shard``
-        builds a sharded one, so that no rank ever holds two full copies of the model in host memory.
+        ``reference=False``: the model is about to be sharded (``shard`` follows, as in ``configure_model``). It
+        is built on the meta device and LoRA-wrapped there; ``shard`` then reads each rank's shards of the
+        weights straight from the files (``loading.py``), so that no rank holds the whole model in host memory,
+        and with full fine-tuning builds a sharded reference (no frozen copy here). Any use before ``shard``
+        (``load()`` with the default ``reference=True``) reads the weights in full first.
+
+        ``weights``: tensors by this policy's ``state_dict`` names (a checkpoint's trained weights) in place of
+        ``model_dir``'s: only the other weights are read from the files, so that no base copy of these is ever
+        in memory (``emorl-export``); entries are removed from the mapping as they are copied. Needs a policy
+        not loaded yet. A folder that cannot be read shard by shard (``loading.LeanLoadingUnsupported``, e.g. no
+        safetensors) is loaded in full, with a warning.
         """
         if self.loaded:
+            if weights is not None:
+                raise ValueError("load(weights=...) needs a policy whose model is not loaded yet")
+            if reference and self._pending_weights is not None:
+                self._finish_loading(reference=True)
             return self
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         path = Path(self.model_dir)
         if self.build_tiny_if_missing and not (path / "config.json").is_file():
@@ -218,8 +231,17 @@ class AudioLMPolicy(nn.Module):
         kwargs = {"dtype": DTYPES[self.dtype_name]}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
-        hf_model = import_class(self.model_class or self.family.model_class).from_pretrained(path, **kwargs)
-        self.processor = AutoProcessor.from_pretrained(path)
+        model_class = import_class(self.model_class or self.family.model_class)
+        plan = None
+        if not reference or weights is not None:  # no whole copy: built on meta, weights read later
+            try:
+                hf_model, plan = loading.meta_model_and_plan(model_class, path, **kwargs)
+            except loading.LeanLoadingUnsupported as why:
+                loading.log.warning("loading %s in full (%s)", path, why)
+        if plan is None:
+            hf_model = model_class.from_pretrained(path, **kwargs)
+        self.processor = self.family.load_processor(path)  # the Omni processors need no torchvision here
+        self.family.check_model(hf_model, str(path / "config.json"))
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
         # The unwrapped model as a plain (unregistered) attribute: peft injects LoRA into it in place.
@@ -228,7 +250,7 @@ class AudioLMPolicy(nn.Module):
             self.family.audio_tower(hf_model).requires_grad_(False)
         object.__setattr__(self, "_reference_model", None)
         object.__setattr__(self, "_mesh", None)
-        if self.lora is None and reference:
+        if self.lora is None and reference and plan is None:
             # not registered: out of state_dict and the optimizer
             object.__setattr__(self, "_reference_model", ref_weights.frozen_copy(hf_model))
 
@@ -244,16 +266,59 @@ class AudioLMPolicy(nn.Module):
                 lora_alpha=self.lora.alpha,
                 lora_dropout=self.lora.dropout,
                 target_modules=self._lora_targets(hf_model),
+                exclude_modules=self._lora_excludes(hf_model),
                 bias="none",
             )
-            self.model = get_peft_model(hf_model, lora_config)
+            with loading.adapters_off_meta(hf_model) if plan is not None else contextlib.nullcontext():
+                self.model = get_peft_model(hf_model, lora_config)
         else:
             self.model = hf_model
         if not self.dropout:
             disable_dropout(self.model)
         self.model.train()  # from_pretrained returns eval mode; Lightning trains what it is given
         self._token_ids()
+        # LoRA made its adapters (real, on the CPU) on the meta model: bound by their names after wrapping.
+        object.__setattr__(self, "_pending_weights", plan.bind(hf_model) if plan is not None else None)
+        if weights is not None:
+            if plan is None:
+                self._load_weights_in_place(weights)
+            else:
+                self._finish_loading(reference=reference, weights=weights)
         return self
+
+    _pending_weights: loading.WeightPlan | None = None  # built on meta by load(reference=False), not read yet
+
+    def _finish_loading(self, reference: bool, weights: MutableMapping[str, Tensor] | None = None) -> None:
+        """Read the weights of a model that ``load`` built on the meta device, in full (unsharded, on the CPU);
+        ``weights`` (policy names) in place of the files'. Full fine-tuning with ``reference``: the frozen copy."""
+        plan = self._pending_weights
+        by_hf_name = self._by_hf_name(weights) if weights is not None else None
+        object.__setattr__(self, "_pending_weights", None)
+        loading.materialize(self._hf, plan, torch.device("cpu"), by_hf_name)
+        if self.lora is None and reference:
+            object.__setattr__(self, "_reference_model", ref_weights.frozen_copy(self._hf))
+
+    def _by_hf_name(self, weights: MutableMapping[str, Tensor]) -> dict[str, Tensor]:
+        """``weights`` (this policy's ``state_dict`` names) by the unwrapped model's names; moved out of
+        ``weights``. KeyError for names that are not this policy's tensors."""
+        def named(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+            yield from module.named_parameters(remove_duplicate=False)
+            yield from module.named_buffers(remove_duplicate=False)
+
+        hf_names = {id(t): name for name, t in named(self._hf)}
+        names = {name: hf_names[id(t)] for name, t in named(self) if id(t) in hf_names}
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise KeyError(f"{len(unknown)} weights are not tensors of this policy, e.g. {unknown[:3]}")
+        return {names[key]: weights.pop(key) for key in list(weights)}
+
+    def _load_weights_in_place(self, weights: MutableMapping[str, Tensor]) -> None:
+        """``weights`` (policy names) copied into the loaded model; KeyError for names that are not its."""
+        result = self.load_state_dict(dict(weights), strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"{len(result.unexpected_keys)} weights are not tensors of this policy, e.g. "
+                           f"{result.unexpected_keys[:3]}")
+        weights.clear()
 
     def _lora_targets(self, hf_model: nn.Module) -> str:
         """A regex over full module names that matches only projections inside the language model."""
@@ -263,6 +328,19 @@ class AudioLMPolicy(nn.Module):
         decoder = self.family.decoder(hf_model)
         prefix = next(name for name, module in hf_model.named_modules() if module is decoder)
         return rf"^{re.escape(prefix)}\.layers\.\d+\..*\.({'|'.join(map(re.escape, names))})$"
+
+    def _lora_excludes(self, hf_model: nn.Module) -> str | None:
+        """Every module outside the language model's layers, and a mixture-of-experts model's experts (None for a
+        raw peft regex). peft 0.21 turns the target regex of a mixture-of-experts model (Qwen3-Omni) into bare
+        projection names, which the audio and vision towers' attention also have, and adapts the fused 3-D expert
+        weights through parameter wrappers, which folding and merging (``reference``, ``merged_state_dict``) do
+        not handle: the adapters stay on the language model's attention and dense projections."""
+        if isinstance(self.lora.target_modules, str):
+            return None
+        decoder = self.family.decoder(hf_model)
+        prefix = next(name for name, module in hf_model.named_modules() if module is decoder)
+        outside = rf"(?!{re.escape(prefix)}\.layers\.\d+\.).*"
+        return outside + r"|.*\.mlp\.experts(\..*)?" if self.family.router_settings(hf_model) else outside
 
     def _token_ids(self) -> None:
         tok = self.processor.tokenizer
@@ -339,6 +417,9 @@ class AudioLMPolicy(nn.Module):
         # Eval mode, as every pass without gradient: no dropout, and no random draws (the audio encoder's
         # layer drop samples torch.rand per layer in training mode, shifting the sampling RNG).
         with torch.no_grad(), _eval_mode(self.model):
+            # Prefill, decode and scoring give the decoder the text positions: the model's own must agree.
+            self.family.check_positions(self._hf, prompts.input_ids, prompts.attention_mask,
+                                        prompts.feature_attention_mask)
             hidden = self.family.encode_audio(self._hf, prompts.input_features, prompts.feature_attention_mask)
         hidden = [h.detach() for h in hidden]
         embeds = self.family.merge(self._hf, prompts.input_ids, hidden)
@@ -636,9 +717,16 @@ class AudioLMPolicy(nn.Module):
         ref_weights.fold_into_base(self.model, folded)
 
     def _load_frozen(self, model_dir: str | Path) -> nn.Module:
-        """A frozen copy of the model in ``model_dir`` (the reference), in the compute dtype when sharded."""
+        """A frozen copy of the model in ``model_dir`` (the reference). Sharded policy: in the compute dtype,
+        sharded like the policy, each rank reading only its own shards from the files (no whole copy)."""
         dtype = self._compute_dtype if self.is_sharded and self._compute_dtype is not None else DTYPES[self.dtype_name]
-        return ref_weights.load_frozen(type(self._hf), model_dir, dtype, self.attn_implementation)
+        kwargs = {"dtype": dtype}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        model_class = import_class(self.model_class or self.family.model_class)
+        if self._mesh is None:
+            return ref_weights.load_frozen(model_class, model_dir, **kwargs)
+        return ref_weights.load_frozen_sharded(model_class, model_dir, self.family, self._mesh, **kwargs)
 
     def _set_reference(self, ref: nn.Module) -> None:
         """Make ``ref`` the reference (unregistered: out of state_dict and the optimizer), sharded like the
@@ -658,11 +746,21 @@ class AudioLMPolicy(nn.Module):
         """FSDP2: each transformer block, then every module called outside the root forward, then the root;
         ``mp_policy``: FSDP2's ``MixedPrecisionPolicy`` (compute / reduce dtypes), or None.
 
-        Full fine-tuning: the frozen reference is sharded the same way, in the compute dtype (1/R of it per
-        rank), and built from ``model_dir`` after the policy is sharded (one full copy in host RAM at a time).
+        A policy loaded with ``load(reference=False)`` (as ``configure_model`` does) is sharded on the meta
+        device, then each rank reads only its own shards from ``model_dir`` (``loading.py``): no rank ever
+        holds the whole model. Full fine-tuning: the frozen reference is built the same way, sharded like the
+        policy, in the compute dtype (1/R of it per rank).
         """
         self.load(reference=False)
-        shard_model(self._hf, mesh, extra_units=list(self.direct_call_modules().values()), mp_policy=mp_policy)
+        # The family's list, not direct_call_modules(): that loads a model still on meta in full.
+        units = list(self.family.direct_call_modules(self._hf).values())
+        plan = self._pending_weights
+        if plan is None:
+            shard_model(self._hf, mesh, extra_units=units, mp_policy=mp_policy)
+        else:
+            shard_model(self._hf, mesh, extra_units=units, mp_policy=mp_policy, init_root=False)
+            object.__setattr__(self, "_pending_weights", None)
+            loading.materialize(self._hf, plan, loading.mesh_device(mesh))
         object.__setattr__(self, "_mesh", mesh)
         object.__setattr__(self, "_compute_dtype", mp_policy.param_dtype if mp_policy is not None else None)
         if self.lora is None:
@@ -675,5 +773,5 @@ class AudioLMPolicy(nn.Module):
         Under FSDP2 (``fully_shard``) each must be (inside) its own sharded unit, not only the root's,
         or their parameters are never all-gathered: shard the decoder layers, then these, then the root.
         """
-        hf = self.hf_model  # loads, which picks the family
-        return self.family.direct_call_modules(hf)
+        self.load(reference=False)  # picks the family; no reference, and no weights read before a shard()
+        return self.family.direct_call_modules(self._hf)

@@ -1,17 +1,22 @@
-"""The KL reference policy's weights: a frozen copy of the model (full fine-tuning), loaded from a folder or
-copied shard by shard under FSDP2, and, for LoRA (whose reference is the base model, adapters off),
-folding the adapters into the base so that the reference moves to the current policy."""
+"""The KL reference policy's weights: a frozen copy of the model (full fine-tuning), loaded from a folder (under
+FSDP2 straight into each rank's shards, ``loading.py``) or copied shard by shard, and, for LoRA (whose
+reference is the base model, adapters off), folding the adapters into the base so that the reference moves to
+the current policy."""
 
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from emorl_pl.modules import loading
 from emorl_pl.modules.families import AudioLMFamily
 from emorl_pl.modules.sharding import shard_model
+
+log = logging.getLogger(__name__)
 
 
 def frozen_copy(hf_model: nn.Module) -> nn.Module:
@@ -19,18 +24,33 @@ def frozen_copy(hf_model: nn.Module) -> nn.Module:
     return copy.deepcopy(hf_model).eval().requires_grad_(False)
 
 
-def load_frozen(model_class: type, model_dir: str | Path, dtype: torch.dtype,
-                attn_implementation: str | None) -> nn.Module:
+def load_frozen(model_class: type, model_dir: str | Path, **from_pretrained_kwargs) -> nn.Module:
     """The model in ``model_dir``, frozen as ``frozen_copy`` leaves one."""
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    return model_class.from_pretrained(model_dir, **kwargs).eval().requires_grad_(False)
+    return model_class.from_pretrained(model_dir, **from_pretrained_kwargs).eval().requires_grad_(False)
 
 
-def shard_like_policy(ref: nn.Module, family: AudioLMFamily, mesh) -> None:
+def load_frozen_sharded(model_class: type, model_dir: str | Path, family: AudioLMFamily, mesh,
+                        **from_pretrained_kwargs) -> nn.Module:
+    """The model in ``model_dir``, frozen and sharded like the policy (``shard_like_policy``): built on the meta
+    device, sharded there, then each rank reads only its own shards from the files (``loading.py``), so that no
+    rank holds the whole model. A folder that cannot be read that way is loaded in full, then sharded."""
+    try:
+        ref, plan = loading.meta_model_and_plan(model_class, model_dir, **from_pretrained_kwargs)
+    except loading.LeanLoadingUnsupported as why:
+        log.warning("reference: loading %s in full on every rank before sharding (%s)", model_dir, why)
+        ref = load_frozen(model_class, model_dir, **from_pretrained_kwargs)
+        shard_like_policy(ref, family, mesh)
+        return ref
+    ref.eval().requires_grad_(False)
+    plan.bind(ref)
+    shard_like_policy(ref, family, mesh, init_root=False)
+    loading.materialize(ref, plan, loading.mesh_device(mesh))
+    return ref
+
+
+def shard_like_policy(ref: nn.Module, family: AudioLMFamily, mesh, init_root: bool = True) -> None:
     """FSDP2-shard a reference the way the policy is: blocks, every directly called module, then the root."""
-    shard_model(ref, mesh, extra_units=list(family.direct_call_modules(ref).values()))
+    shard_model(ref, mesh, extra_units=list(family.direct_call_modules(ref).values()), init_root=init_root)
 
 
 def copy_local_shards(policy_model: nn.Module, ref: nn.Module) -> None:

@@ -51,14 +51,16 @@ def fsdp_mesh(mesh):
 
 def shard_model(
     model: nn.Module, mesh, *, extra_units: list[nn.Module] = (), reshard_after_forward: bool = True,
-    mp_policy=None,
+    mp_policy=None, init_root: bool = True,
 ) -> nn.Module:
     """Apply ``fully_shard`` per transformer block, then to ``extra_units``, then to the root. Idempotent.
 
     ``extra_units``: modules called directly rather than through the root forward (embeddings, the
     decoder stack, lm_head, the audio tower): each must be a unit of its own or its parameters are
     never gathered. ``mesh`` is the strategy's device mesh (see ``fsdp_mesh``); ``mp_policy`` an FSDP2
-    ``MixedPrecisionPolicy`` for every unit (None: compute in the loaded dtype).
+    ``MixedPrecisionPolicy`` for every unit (None: compute in the loaded dtype). ``init_root`` False: the
+    weights are still on the meta device (read in after sharding, ``loading.materialize``), so the root's
+    initialisation below, which refuses meta weights, is left to the caller.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -72,7 +74,8 @@ def shard_model(
     # FSDP2 picks as root the first unit that runs forward; the policy calls embed_tokens / the audio
     # tower directly, which would make them roots and the later ``model.generate`` fail ("requires
     # running forward through the root module first"). Initialising now fixes the root to ``model``.
-    model._get_fsdp_state()._lazy_init()
+    if init_root:
+        model._get_fsdp_state()._lazy_init()
     return model
 
 
