@@ -1,16 +1,18 @@
 """Peak GPU memory per rank of a GRPO run, piece by piece, from the model's geometry and the run's settings.
 
-Pure arithmetic (no torch, no Lightning): ``plan(geometry, settings)`` models what the code holds
-(``AudioLMPolicy``, ``GRPOModule``, ``emorl_pl.grpo``, FSDP2 via ``emorl_pl.strategies``): by default the
-code before issue 12 (an unsharded reference copy, units gathered one at a time), with settings for the
-issue-12 changes (``PlanSettings``); ``emorl_pl.plan_cli`` reads the numbers from a model's ``config.json``
-and the run's LightningCLI YAML files. Notation (per rank):
+Arithmetic on sizes: ``plan(geometry, settings)`` models what the code holds (``AudioLMPolicy``,
+``GRPOModule``, ``emorl_pl.grpo``, FSDP2 via ``emorl_pl.strategies``). The constants it shares with that code
+(the logits chunk, the CPU lm_head packing thresholds, the default LoRA targets, ``VLLMSettings``' defaults)
+are read from the code's own modules, never copied (so this module imports torch). ``PlanSettings``' defaults
+describe a plain layout (an unsharded reference copy, units gathered one at a time); ``emorl_pl.plan_cli``
+reads the numbers from a model's ``config.json`` and the run's LightningCLI YAML files and sets what the code
+does under FSDP2 (the reference sharded like the policy, the rollout gathering every unit). Notation (per rank):
 
     V vocabulary, D LM hidden, L LM layers, I LM intermediate, kv = kv_heads * head_dim
     B utterances per batch, G samples per utterance, n = B * G rollout rows, m micro-batch rows
     P prompt tokens (audio tokens + chat template text), T = max_new_tokens
     b_p parameter bytes (policy dtype), b_a compute bytes (2 under bf16 autocast or bf16 weights), b_l logits
-    N ranks that shard the model (FSDP2), 1 otherwise
+    N ranks that shard the model (FSDP2's shard degree: every rank, or under HSDP the ranks of one node), 1 otherwise
 
 A step goes through stages (prompt encoding, rollout, no-grad log-prob passes, the policy's forward and
 backward per micro-batch, the optimizer step; validation between steps). What is held throughout
@@ -20,7 +22,10 @@ longest prompt (``audio_seconds``) and completions that run to ``max_new_tokens`
 
 Activation sizes per token and layer were counted from what autograd saves (``saved_tensors_hooks``) in
 a transformers 5.17 Qwen2 decoder layer (sdpa) on torch 2.11, for each precision and LoRA mode
-(``layer_activation_bytes``); everything else is counted from the code that allocates it.
+(``layer_activation_bytes``); a mixture-of-experts layer (Qwen3-Omni) uses the same table with the k routed
+experts' width k x I_e for I, plus its router (``_router_bytes``), and was checked against the measured CPU
+peak of the real-shape model (tests/test_memory_plan_families.py); everything else is counted from the code
+that allocates it.
 
 ``rollout_engine="vllm"`` (``emorl_pl.modules.vllm_engine``): a colocated ``vllm.LLM`` samples the rollouts.
 It holds its own whole copy of the weights, W = params x b_e (b_e: ``VLLMSettings.dtype``, "auto" = the
@@ -29,24 +34,23 @@ vLLM sizes its KV cache pool as what is left of u x GPU after W and its profiled
 ``engine_activation_bytes``). Without sleep mode R is held throughout; with ``enable_sleep_mode`` the engine
 sleeps (``LLM.sleep(level=1)``: weights to host RAM, KV cache freed) outside the rollout and validation, so
 R only counts there. The trainer's own decode pieces (its KV cache, the gathered units, sampling logits) are
-then not used. ``VLLMSettings``' defaults are read from that module's source (``vllm_engine_defaults``):
-importing it would import torch.
+then not used. ``VLLMSettings``' defaults are that dataclass's own (``vllm_engine_defaults``).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from emorl_pl import kernels
+from emorl_pl.modules import fused_decode, vllm_engine
+from emorl_pl.modules.policy import LM_PROJECTIONS  # LoraSettings(target_modules=None): these
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STRATEGIES = ("single", "ddp", "fsdp2")
 MEL_FRAMES_PER_SECOND = 100  # Whisper feature extractor: hop 160 at 16 kHz
 # Chat template + instruction tokens (Qwen2 BPE) of AudioLMPolicy's prompt with the 4 IEMOCAP labels, not
@@ -64,57 +68,40 @@ VLLM_DTYPES = {"auto": None, "float32": "float32", "float": "float32", "bfloat16
 # max_num_seqs rows of fp32 logits (default 256). An estimate: CUDA graphs and the encoder cache are not counted.
 VLLM_PROFILE_TOKENS = 8192
 VLLM_MAX_NUM_SEQS = 256
-VLLM_ENGINE_SOURCE = Path(__file__).resolve().parent / "modules" / "vllm_engine.py"
 
 
 # ------------------------------------------------------------------------------------------ the engine's code
-@functools.lru_cache(maxsize=8)
-def _read_engine_source(path: str, mtime_ns: int) -> tuple[dict[str, Any], tuple[str, ...]]:
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
-    defaults: dict[str, Any] | None = None
-    engines: tuple[str, ...] | None = None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "VLLMSettings":
-            defaults = {}
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
-                    try:
-                        defaults[item.target.id] = ast.literal_eval(item.value)
-                    except ValueError:
-                        raise RuntimeError(f"{path}: VLLMSettings.{item.target.id}'s default is not a literal; "
-                                           "the memory plan reads it from the source") from None
-        elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-              and node.targets[0].id == "ROLLOUT_ENGINES"):
-            engines = tuple(ast.literal_eval(node.value))
-    if defaults is None or engines is None:
-        raise RuntimeError(f"{path}: no VLLMSettings dataclass or ROLLOUT_ENGINES tuple to read")
-    return defaults, engines
-
-
-def _engine_source() -> tuple[dict[str, Any], tuple[str, ...]]:
-    path = Path(VLLM_ENGINE_SOURCE)
-    return _read_engine_source(str(path), path.stat().st_mtime_ns)
-
-
 def vllm_engine_defaults() -> dict[str, Any]:
-    """``VLLMSettings``' field defaults as ``emorl_pl.modules.vllm_engine`` defines them, read from its source
-    (``ast``, not an import: that module imports torch, and the plan stays torch-free), so a changed default
-    changes the plan."""
-    return dict(_engine_source()[0])
+    """``VLLMSettings``' field defaults, read from ``emorl_pl.modules.vllm_engine`` when called (so a changed
+    default changes the plan)."""
+    return {f.name: f.default for f in dataclasses.fields(vllm_engine.VLLMSettings)}
 
 
 def rollout_engines() -> tuple[str, ...]:
-    """``vllm_engine.ROLLOUT_ENGINES``, read the same way."""
-    return _engine_source()[1]
+    """``vllm_engine.ROLLOUT_ENGINES``."""
+    return tuple(vllm_engine.ROLLOUT_ENGINES)
 
 
 # ------------------------------------------------------------------------------------------ geometry
 @dataclass(frozen=True)
 class ModelGeometry:
-    """The shapes that set memory: a Qwen2 language model and a Whisper-style audio encoder (Qwen2-Audio).
+    """The shapes that set memory: a Qwen2 language model and a Whisper-style audio encoder (Qwen2-Audio, Audio
+    Flamingo 3).
 
-    ``projector``: Qwen2-Audio's linear map from the encoder width to D (with bias); 0 when the encoder
-    projects itself. ``window_seconds``: the encoder's fixed input window (audio is padded to it).
+    ``projector``: a map from the encoder width to D (with biases): Qwen2-Audio's one linear layer
+    (``projector_layers`` 1), Audio Flamingo 3's two (d -> D -> D, ``projector_layers`` 2); False when the
+    encoder projects itself.
+
+    Other decoders: ``q_dim`` = heads x head_dim may differ from D (Qwen3); ``attention_bias`` (q, k, v biases:
+    Qwen2) and ``qk_norm`` (per-head RMSNorm of q and k: Qwen3). A mixture of experts (Qwen3-Omni-MoE's
+    decoder, ``num_experts`` > 0) replaces the MLP by a linear router (E x D, no bias) and E experts of
+    ``moe_intermediate_size`` I_e (gate, up, down each): every expert's weights are resident, sharded and (full
+    fine-tuning) trained, while each token runs only ``experts_per_token`` k of them, so activations count
+    k x I_e where a dense layer counts I. ``tower_params``: when set, the parameters outside the language model
+    (audio tower, and the Omni thinkers' vision tower, which is loaded with them), counted by building the model
+    on the meta device (``plan_cli.geometry_from_config``) instead of the Whisper-encoder formula.
+    ``audio_chunk_tokens``: an encoder that emits that many tokens per 100 mel frames (Qwen3-Omni: 13) instead
+    of Whisper's stride-4 (25 per second). ``window_seconds``: the encoder's fixed input window (audio is padded to it).
     ``torch_dtype``: the checkpoint's dtype from config.json (None: not given, transformers' float32).
     """
 
@@ -133,6 +120,14 @@ class ModelGeometry:
     num_mel_bins: int = 128
     max_source_positions: int = 1500
     projector: bool = True
+    projector_layers: int = 1
+    attention_bias: bool = True
+    qk_norm: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    tower_params: int | None = None
+    audio_chunk_tokens: int | None = None
     name: str = "model"
     torch_dtype: str | None = None  # config.json's dtype of the checkpoint (what vLLM's dtype "auto" follows)
 
@@ -141,15 +136,52 @@ class ModelGeometry:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def active_intermediate(self) -> int:
+        """The MLP width a token's activations go through: I, or k x I_e for a mixture of experts."""
+        return self.experts_per_token * self.moe_intermediate_size if self.moe else self.intermediate_size
+
+    @property
     def window_seconds(self) -> float:
         return 2 * self.max_source_positions / MEL_FRAMES_PER_SECOND
 
 
+def attention_params(g: ModelGeometry) -> int:
+    """q (D x q_dim), k and v (D x kv each), o (q_dim x D, no bias), with q/k/v biases when ``attention_bias``
+    and q/k RMSNorm weights (head_dim each) when ``qk_norm``."""
+    d, q, kv = g.hidden_size, g.q_dim, g.kv_dim
+    bias = (q + 2 * kv) if g.attention_bias else 0
+    return d * q + 2 * d * kv + q * d + bias + (2 * g.head_dim if g.qk_norm else 0)
+
+
+def mlp_params(g: ModelGeometry) -> int:
+    """Dense: gate and up (D x I each), down (I x D). Mixture of experts: the router (E x D) and E experts'
+    gate, up and down (D x I_e each): all resident, whatever the tokens pick."""
+    d = g.hidden_size
+    if g.moe:
+        return g.num_experts * d + g.num_experts * 3 * d * g.moe_intermediate_size
+    return 3 * d * g.intermediate_size
+
+
 def lm_layer_params(g: ModelGeometry) -> int:
-    """One Qwen2 decoder layer: q (D x D + D), k and v (D x kv + kv each), o (D x D, no bias),
-    gate and up (D x I each), down (I x D), two RMSNorm weights (D each)."""
-    d, kv, inter = g.hidden_size, g.kv_dim, g.intermediate_size
-    return (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * inter + 2 * d
+    """One decoder layer: attention + MLP (or router + experts) + two RMSNorm weights (D each). Qwen2: q
+    (D x D + D), k and v (D x kv + kv each), o (D x D), gate/up/down (3 x D x I)."""
+    return attention_params(g) + mlp_params(g) + 2 * g.hidden_size
+
+
+def largest_weight(g: ModelGeometry) -> int:
+    """Elements of the largest single weight tensor: the embedding (V x D), a dense gate/up/down (D x I), or a
+    mixture of experts' fused gate-up of all experts (E x 2 I_e x D, transformers' grouped experts)."""
+    mlp = (g.num_experts * 2 * g.moe_intermediate_size * g.hidden_size if g.moe
+           else g.hidden_size * g.intermediate_size)
+    return max(embedding_params(g), mlp)
 
 
 def embedding_params(g: ModelGeometry) -> int:
@@ -171,10 +203,13 @@ def audio_layer_params(g: ModelGeometry) -> int:
 
 def audio_params(g: ModelGeometry) -> int:
     """conv1 (mels x d x 3 + d), conv2 (d x d x 3 + d), positions (S x d), layers, final LayerNorm (2d),
-    and the projector to the LM width (d x D + D)."""
-    d = g.audio_d_model
+    and the projector to the LM width (d x D + D, and (D x D + D) per further layer); ``tower_params`` when
+    given (every parameter outside the language model)."""
+    if g.tower_params is not None:
+        return g.tower_params
+    d, lm = g.audio_d_model, g.hidden_size
     convs = (g.num_mel_bins * d * 3 + d) + (d * d * 3 + d)
-    projector = d * g.hidden_size + g.hidden_size if g.projector else 0
+    projector = d * lm + lm + (g.projector_layers - 1) * (lm * lm + lm) if g.projector else 0
     return convs + g.max_source_positions * d + g.audio_layers * audio_layer_params(g) + 2 * d + projector
 
 
@@ -183,14 +218,22 @@ def total_params(g: ModelGeometry) -> int:
 
 
 def _projection_shapes(g: ModelGeometry, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """(in, out) of each LM projection in ``targets``; an error naming any that is not one."""
-    d, kv, inter = g.hidden_size, g.kv_dim, g.intermediate_size
-    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+    """(in, out) of each LM projection in ``targets``; an error naming any that is not one. A mixture of
+    experts has no dense gate/up/down: ``AudioLMPolicy`` excludes the experts from LoRA (``_lora_excludes``),
+    so those names adapt nothing."""
+    d, kv, q, inter = g.hidden_size, g.kv_dim, g.q_dim, g.intermediate_size
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
               "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
     unknown = sorted(set(targets) - set(shapes))
     if unknown:
         raise ValueError(f"LoRA target_modules {unknown} are not LM projections {sorted(shapes)}")
-    return {t: shapes[t] for t in targets}
+    mlp = ("gate_proj", "up_proj", "down_proj") if g.moe else ()
+    return {t: shapes[t] for t in targets if t not in mlp}
+
+
+def lora_adapted_targets(g: ModelGeometry, targets: Sequence[str] = LM_PROJECTIONS) -> tuple[str, ...]:
+    """The projections of ``targets`` that get adapters (a mixture of experts: the attention's only)."""
+    return tuple(_projection_shapes(g, targets))
 
 
 def lora_params(g: ModelGeometry, rank: int, targets: Sequence[str] = LM_PROJECTIONS) -> int:
@@ -204,12 +247,19 @@ def lora_target_weight_params(g: ModelGeometry, targets: Sequence[str] = LM_PROJ
     return g.num_layers * sum(i * o for i, o in _projection_shapes(g, targets).values())
 
 
-def audio_tokens(seconds: float, window_seconds: float = 30.0) -> int:
+def audio_tokens(seconds: float, window_seconds: float = 30.0, chunk_tokens: int | None = None) -> int:
     """<|AUDIO|> expands to ((F - 1) // 2 + 1 - 2) // 2 + 1 tokens for F = 100 * seconds mel frames
-    (two stride-2 stages, conv2 then pooling), audio cropped to the encoder window: 30 s -> 750, 8 s -> 200."""
+    (two stride-2 stages, conv2 then pooling), audio cropped to the encoder window: 30 s -> 750, 8 s -> 200.
+    ``chunk_tokens`` (Qwen3-Omni: 13): ``chunk_tokens`` per whole 100 frames, and for the rest r frames three
+    stride-2 convolutions, (((r - 1) // 2 + 1 - 1) // 2 + 1 - 1) // 2 + 1 (transformers'
+    ``_get_feat_extract_output_lengths``): 30 s -> 390."""
     frames = int(round(min(seconds, window_seconds) * MEL_FRAMES_PER_SECOND))
     if frames < 1:
         raise ValueError(f"audio_seconds must be > 0, got {seconds}")
+    if chunk_tokens is not None:
+        rest = frames % 100
+        tail = (((rest - 1) // 2 + 1 - 1) // 2 + 1 - 1) // 2 + 1 if rest else 0
+        return tail + frames // 100 * chunk_tokens
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
@@ -228,15 +278,19 @@ class PlanSettings:
     ``device`` "cuda" adds the runtime allowance and AdamW's foreach temporaries; "cpu" (to compare with
     a CPU measurement) uses AdamW's per-tensor loop.
 
-    FSDP2Strategy options (issue 12): ``fsdp_param_dtype``, its mixed-precision policy (weights gathered
-    and computed in that dtype, sharded masters and moments stay in the policy dtype); ``fsdp_sync``
-    "per_step" keeps gradients unsharded between the backward passes of one optimizer step.
-    ``reference_sharded`` (full fine-tuning: the reference sharded like the policy, in ``reference_dtype``
-    or else the compute dtype) and ``rollout_gathered`` (the whole model gathered for the rollout, the
-    "hybrid engine") describe the issue-12 code; the defaults describe the code before it (an unsharded
-    reference copy in the policy dtype on every rank; units gathered one at a time). ``sharded_loading``
-    (FSDP2: the model built on the meta device, each rank reading only its shards from the files,
-    ``emorl_pl.modules.loading``) only changes the host-RAM note; False: every rank loads the whole model first.
+    FSDP2Strategy options: ``fsdp_param_dtype``, its mixed-precision policy (weights gathered and computed
+    in that dtype, sharded masters and moments stay in the policy dtype); ``fsdp_sync`` "per_step" keeps
+    gradients unsharded between the backward passes of one optimizer step; ``shard_degree`` (None: every
+    rank), the ranks that shard each parameter: under HSDP (``num_nodes`` > 1) those of one node, each node
+    holding a whole sharded copy (``strategies.mesh_shape``).
+    What the code does under FSDP2 (``emorl_pl.plan_cli`` sets it): ``reference_sharded`` (full fine-tuning:
+    ``AudioLMPolicy`` builds the reference from ``model_dir`` after the policy is sharded, sharded like it,
+    in the compute dtype, each rank reading only its rows of each tensor: ``modules/reference.py``,
+    ``modules/loading.py``; ``reference_dtype`` is a what-if over that dtype), ``rollout_gathered`` (the whole
+    model gathered for the rollout, the "hybrid engine") and ``sharded_loading`` (the policy built on the
+    meta device, each rank reading only its shards; only changes the host-RAM note). Without FSDP2 (and by
+    these fields' defaults) the reference is ``frozen_copy``, a deep copy of the loaded model in the policy
+    dtype, unsharded on every rank.
 
     ``rollout_engine`` "vllm": a colocated vLLM engine samples the rollouts (``AudioLMPolicy(rollout_engine=...,
     vllm=VLLMSettings(...))``); ``vllm_*`` are its ``VLLMSettings`` (None: that dataclass's default, read from
@@ -256,6 +310,8 @@ class PlanSettings:
     precision: str = "32-true"
     strategy: str = "single"
     num_gpus: int = 1
+    shard_degree: int | None = None
+    num_nodes: int = 1
     gradient_checkpointing: bool = False
     beta: float = 0.04
     num_iterations: int = 1
@@ -280,11 +336,14 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "group_size", "prompt_tokens", "max_new_tokens", "micro_batch_size",
-                     "num_gpus", "num_iterations", "accumulate_grad_batches"):
+                     "num_gpus", "num_nodes", "num_iterations", "accumulate_grad_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.shard_degree is not None and not (1 <= self.shard_degree <= self.num_gpus
+                                                  and self.num_gpus % self.shard_degree == 0):
+            raise ValueError(f"shard_degree must divide num_gpus {self.num_gpus}, got {self.shard_degree}")
         for name in ("policy_dtype", "reference_dtype", "fsdp_param_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPE_BYTES:
@@ -330,8 +389,10 @@ class PlanSettings:
 
     @property
     def shards(self) -> int:
-        """Ranks that share each parameter: FSDP2 shards over all of them."""
-        return self.num_gpus if self.strategy == "fsdp2" else 1
+        """Ranks that share each parameter: FSDP2's shard degree (all ranks, or one node's under HSDP)."""
+        if self.strategy != "fsdp2":
+            return 1
+        return self.shard_degree or self.num_gpus
 
     @property
     def param_bytes(self) -> int:
@@ -384,7 +445,7 @@ class PlanSettings:
 
     @property
     def reference_bytes(self) -> int:
-        """The reference copy's dtype: given, else the compute dtype when sharded (issue 12), else the policy's."""
+        """The reference copy's dtype: given (a what-if), else the compute dtype when sharded, else the policy's."""
         if self.reference_dtype:
             return DTYPE_BYTES[self.reference_dtype]
         return self.weight_bytes if self.reference_sharded else self.param_bytes
@@ -489,8 +550,18 @@ def layer_activation_bytes(g: ModelGeometry, s: PlanSettings, kv_len: int) -> fl
     mode = "autocast" if s.autocast else ("bf16" if s.weight_bytes == 2 else "fp32")
     lora = None if not s.lora else ("dropout" if s.lora_dropout > 0 else "plain")
     a_d, a_i = table[mode][lora]
-    lora_out = len(s.lora_targets) * s.lora_rank * (4 if s.weight_bytes == 2 else s.act_bytes) if s.lora else 0
-    return a_d * g.hidden_size + a_i * g.intermediate_size + kv_len * s.act_bytes + lora_out
+    adapted = len(lora_adapted_targets(g, s.lora_targets)) if s.lora else 0
+    lora_out = adapted * s.lora_rank * (4 if s.weight_bytes == 2 else s.act_bytes) if s.lora else 0
+    return (a_d * g.hidden_size + a_i * g.active_intermediate + kv_len * s.act_bytes + lora_out
+            + _router_bytes(g, s))
+
+
+def _router_bytes(g: ModelGeometry, s: PlanSettings) -> float:
+    """A mixture of experts also saves, per token and layer, its router logits (E, compute dtype), their fp32
+    softmax (E x 4 B), and the k routed copies of the token's hidden state (k x D) with their k weights."""
+    if not g.moe:
+        return 0
+    return g.num_experts * (s.act_bytes + 4) + g.experts_per_token * (g.hidden_size * s.act_bytes + 8)
 
 
 def _gathered_fraction(s: PlanSettings) -> float:
@@ -545,7 +616,7 @@ def engine_activation_bytes(g: ModelGeometry, s: PlanSettings) -> float:
     input, attention output; q, k, v; gate, up and their product), plus fp32 logits for ``VLLM_MAX_NUM_SEQS``
     rows (V x 4 B each)."""
     b = DTYPE_BYTES[engine_dtype(g, s)]
-    per_token = 4 * g.hidden_size + 2 * g.kv_dim + 3 * g.intermediate_size
+    per_token = 4 * g.hidden_size + 2 * g.kv_dim + 3 * g.active_intermediate
     return VLLM_PROFILE_TOKENS * per_token * b + VLLM_MAX_NUM_SEQS * g.vocab_size * 4
 
 
@@ -589,30 +660,37 @@ def _engine_pieces(g: ModelGeometry, s: PlanSettings) -> tuple[Piece, Piece]:
 
 
 def _engine_sync(g: ModelGeometry, s: PlanSettings) -> list[Piece]:
-    """``AudioLMPolicy.sync_engine_weights`` before a rollout after the weights changed: ``merged_state_dict``
-    merges one adapted weight at a time (its delta B A x scale, fp32 like the adapters, and the merged sum,
-    promoted to fp32) and moves it to the CPU; without LoRA the state dict is the parameters themselves. On the
-    device: the largest adapted weight's delta and merged copy."""
-    if not s.lora:
+    """``AudioLMPolicy.sync_engine_weights`` before a rollout after the weights changed:
+    ``weight_sync.iter_merged_weights`` yields one weight at a time and moves it to the CPU. On the device, per
+    weight: under FSDP2 the gathered full weight in the compute dtype b_w (cast locally first when b_w is not
+    the stored dtype); for an adapted weight, its delta B A x scale in fp32 (n x 4 B), summed in place with the
+    base (gathered in the stored dtype under FSDP2; unsharded, the parameter itself), then cast to b_w (no copy
+    when b_w is 4). The piece is the largest of these: the largest adapted projection's, or under FSDP2 the
+    largest weight's (``largest_weight``)."""
+    b_w, b_p, sharded = s.weight_bytes, s.param_bytes, s.shards > 1
+    sizes: list[tuple[float, str]] = []
+    if s.lora:
+        n = max(i * o for i, o in _projection_shapes(g, s.lora_targets).values())
+        cast = n * b_w if b_w != 4 else 0
+        base = n * b_p if sharded else 0
+        sizes.append((n * 4 + cast + base, f"{n / 1e6:.1f} M weights (the largest adapted projection) x (4 fp32 delta"
+                      + (f" + {b_w} cast" if cast else "") + (f" + {b_p} gathered base" if base else "") + ") B"))
+    if sharded:
+        w = largest_weight(g)
+        local = w * b_w / s.shards if b_w != b_p else 0
+        sizes.append((w * b_w + local, f"the largest weight ({w / 1e6:.0f} M) gathered in {b_w} B"
+                      + (" (+ its local cast shard)" if local else "")))
+    if not sizes:
         return []
-    n = max(i * o for i, o in _projection_shapes(g, s.lora_targets).values())
-    merged = max(s.param_bytes, s.trainable_bytes)
-    return [Piece("engine weight sync: one LoRA delta + merged weight", n * (s.trainable_bytes + merged),
-                  f"{n / 1e6:.1f} M weights (the largest adapted projection) x ({s.trainable_bytes} + {merged}) B "
-                  "(merged_state_dict, one weight at a time)")]
-
-
-# emorl_pl.grpo.LOGITS_CHUNK_TOKENS and fused_decode._PACK_MIN_CALLS / _PACK_MIN_ELEMENTS (this module imports no torch; a test
-# checks they agree)
-LOGITS_CHUNK_TOKENS = 256
-PACK_MIN_DECODE_STEPS = 16
-PACK_MIN_LM_HEAD_ELEMENTS = 1 << 22
+    size, detail = max(sizes)
+    return [Piece("engine weight sync: one weight at a time", size, detail + " (weight_sync.iter_merged_weights)")]
 
 
 def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
     """``completion_logps``'s output projection.
 
-    A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: c = max(1, 256 // T)
+    A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: c = max(1, C // T)
+    (C = ``kernels.LOGITS_CHUNK_TOKENS``)
     rows' (c, T, V) logits at a time, exponentiated in place: z in b_l + its fp32 copy (none when b_l is 4).
     With a gradient and a frozen lm_head (LoRA) the forward also casts the chunk's softmax to b_l for the
     (softmax W) GEMM (none when b_l is 4) and keeps d logp / dh, (rows, T, D) fp32, for backward. When
@@ -625,7 +703,7 @@ def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> 
     (+ the upcast copy)."""
     t, v, b = s.max_new_tokens, g.vocab_size, s.act_bytes
     if s.strategy != "fsdp2":
-        chunk = min(rows, max(1, LOGITS_CHUNK_TOKENS // t))
+        chunk = min(rows, max(1, kernels.LOGITS_CHUNK_TOKENS // t))
         cells = chunk * t * v
         upcast = 4 if b != 4 else 0  # .float() of fp32 logits is the same tensor
         cast = b if b != 4 else 0
@@ -738,7 +816,7 @@ def _policy_stages(g: ModelGeometry, s: PlanSettings, gathered: Piece | None) ->
         layer_stage.append(Piece("one layer recomputed (checkpointing)", tokens * n_layer + copies,
                                  f"{tokens} tokens x {n_layer / 1024:.1f} KiB" + (" + its bf16 weights" if copies else "")))
     layer_stage.append(Piece("backward working set of one layer",
-                             tokens * (2 * g.hidden_size * s.weight_bytes + 2 * g.intermediate_size * b),
+                             tokens * (2 * g.hidden_size * s.weight_bytes + 2 * g.active_intermediate * b),
                              "(2 D + 2 I) per token"))
     layer_stage += [*extra, *layer_unsharded]
     return [Stage("policy forward+backward: logits", tuple(logits_stage)),
@@ -773,9 +851,12 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
         where = f"sharded 1/{ref_shards}" if ref_shards > 1 else "unsharded, on every rank"
         always.append(Piece("reference model: frozen copy", ref,
                             f"{n_total / 1e9:.2f} B x {s.reference_bytes} B, {where}"))
-        if not s.reference_sharded and s.reference_dtype is None:
-            notes.append("reference: today AudioLMPolicy.load deep-copies the whole model in the policy dtype, "
-                         "unsharded on every rank, even with beta = 0 (issue 12: shard it, in bf16)")
+        if s.reference_sharded:
+            notes.append(f"reference: built from model_dir after the policy is sharded, sharded like it in the compute "
+                         f"dtype ({_dtype_name(s.reference_bytes)}), each rank reading only its rows of each tensor")
+        elif s.reference_dtype is None:
+            notes.append("reference: AudioLMPolicy.load deep-copies the whole model in the policy dtype (frozen_copy), "
+                         "unsharded on every rank; under FSDP2 it is sharded like the policy instead")
     if s.strategy == "ddp":
         always.append(Piece("DDP gradient buckets", grads, "a flat copy of the gradients"))
     if s.num_gpus > 1 and s.strategy == "fsdp2" and s.sharded_loading:
@@ -794,7 +875,7 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
                      f"weights) loads whole on every process first: {s.num_gpus} x {whole:.1f} = "
                      f"{s.num_gpus * whole:.0f} GiB")
     elif s.num_gpus > 1:
-        # Before issue 12 the reference is a deep copy next to the loaded model; after, it is loaded once the
+        # Unsharded, the reference is a deep copy next to the loaded model; sharded, it is loaded once the
         # policy is sharded, so one full copy is in host RAM at a time.
         copy_too = not s.lora and not s.reference_sharded
         host = n_total * (b_p + (s.reference_bytes if copy_too else 0)) / GiB
@@ -804,7 +885,7 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
                      f"{s.num_gpus} x {host:.1f} = {s.num_gpus * host:.0f} GiB")
     rollout_buffers = s.accumulate_grad_batches * (
         s.batch_size * p_len * g.hidden_size * b_p  # prompt embeddings
-        + s.batch_size * audio_tokens(g.window_seconds, g.window_seconds) * g.audio_d_model * b  # tower output
+        + s.batch_size * audio_tokens(g.window_seconds, g.window_seconds, g.audio_chunk_tokens) * g.audio_d_model * b  # tower output
         + s.rows * t * (8 + 8 + 4 * 4 + (4 if s.vllm else 0)))  # ids, mask, advantages/mask/ref/old (engine) log-probs
     always.append(Piece("rollout buffers", rollout_buffers, "prompt embeddings, audio features, ids, log-probs"))
     if s.device == "cuda":
@@ -849,8 +930,8 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     rollout = [kv_cache,
                Piece("shared prefill cache", _kv_bytes(g, s.batch_size, p_len - 1, b), "B x (P-1), copied into it")]
     rollout.append(Piece("sampling temporaries", s.rows * g.vocab_size * (4 + 4), "logits, their warped copy"))
-    if (fused and s.device == "cpu" and b_p == 4 and b == 4 and t + 1 >= PACK_MIN_DECODE_STEPS
-            and g.vocab_size * g.hidden_size >= PACK_MIN_LM_HEAD_ELEMENTS):
+    if (fused and s.device == "cpu" and b_p == 4 and b == 4 and t + 1 >= fused_decode._PACK_MIN_CALLS
+            and g.vocab_size * g.hidden_size >= fused_decode._PACK_MIN_ELEMENTS):
         rollout.append(Piece("prepacked lm_head (CPU)", g.vocab_size * g.hidden_size * 4, "fused_decode: oneDNN linear"))
     if s.fused_decode == "merged" and fused:
         lm_projections = g.num_layers * (lm_layer_params(g) - 2 * g.hidden_size)
@@ -869,7 +950,7 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
         m = s.micro_rows
         tokens, kv_len = _query_tokens(s, m, shared=True)
         unique = min(s.batch_size, math.ceil(m / s.group_size))
-        # The full-fine-tuning reference is its own unsharded copy: nothing to gather for it (today).
+        # An unsharded full-fine-tuning reference is its own copy: nothing to gather for it.
         ref_extra = [] if (s.beta > 0 and not s.lora and not s.reference_sharded) else extra
         nograd = [Piece("prompt keys/values (recorded + indexed to the rows)",
                         _kv_bytes(g, unique + m, p_len - 1, b), "(U + m) x (P-1) x L x 2 x kv"),
@@ -887,8 +968,8 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     if s.device == "cuda":
         adam_tmp = grads
     else:
-        largest = (s.lora_rank * max(g.hidden_size, g.intermediate_size) if s.lora
-                   else max(embedding_params(g), g.hidden_size * g.intermediate_size))
+        largest = (s.lora_rank * max(g.hidden_size, g.q_dim, g.intermediate_size) if s.lora
+                   else largest_weight(g))
         adam_tmp = 2 * largest * b_t
     optimizer = [Piece("gradients", grads, f"{n_train / 1e9:.3g} B x {b_t} B{_shard_note(s)}"),
                  Piece("AdamW step temporaries", adam_tmp, "foreach" if s.device == "cuda" else "per tensor")]
@@ -928,10 +1009,12 @@ def _engine_notes(g: ModelGeometry, s: PlanSettings) -> list[str]:
         notes.append(f"vLLM engine: gpu_memory_utilization {e['gpu_memory_utilization']:g} leaves less KV cache than "
                      f"one max_model_len {e['max_model_len']} sequence: vLLM refuses to start; it needs >= {need:.2f}")
     host = engine_weight_bytes(g, s) / GiB if s.engine_sleeps else 0.0
-    merged = lora_target_weight_params(g, s.lora_targets) * (4 - s.param_bytes) if s.lora else 0  # promoted to fp32
-    sync = (total_params(g) * s.param_bytes + merged) / GiB
-    notes.append(f"host RAM for the engine, per process: {sync:.1f} GiB, the CPU copy of the merged weights at each "
-                 "sync (written to a safetensors file of that size in the temp folder)"
+    largest = largest_weight(g) * s.weight_bytes
+    sync = (2**30 + largest) / GiB  # write_hub_shards' max_shard_bytes + the weight being added to it
+    disk = total_params(g) * s.weight_bytes / GiB
+    notes.append(f"host RAM for the engine, per process: about {sync:.1f} GiB at each sync (one 1 GiB safetensors "
+                 f"shard being filled + one weight; weight_sync.write_hub_shards), the whole model in "
+                 f"{_dtype_name(s.weight_bytes)} ({disk:.1f} GiB) written to the temp folder"
                  + (f", + {host:.1f} GiB, its weights while asleep" if s.engine_sleeps else "")
                  + (f"; {s.num_gpus} processes: {s.num_gpus * (host + sync):.0f} GiB" if s.num_gpus > 1 else ""))
     if s.engine_sleeps:
@@ -964,11 +1047,12 @@ def _ladders(g: ModelGeometry, s: PlanSettings) -> list[list[Change]]:
     """Changes that lower memory, in the order worth trying; each a ladder of ever stronger rungs."""
     out: list[list[Change]] = []
     if not s.lora:
-        if s.strategy == "fsdp2" and not (s.reference_sharded and s.reference_dtype == "bfloat16"):
-            out.append([("reference sharded over the ranks, in bf16 (issue 12; not in today's code)",
-                         {"reference_sharded": True, "reference_dtype": "bfloat16"})])
-        elif s.strategy != "fsdp2" and s.reference_bytes == 4:
-            out.append([("reference copy in bf16 (issue 12; not in today's code)", {"reference_dtype": "bfloat16"})])
+        if s.strategy == "fsdp2" and not s.reference_sharded:
+            out.append([("reference sharded like the policy (what the code does under FSDP2)",
+                         {"reference_sharded": True})])
+        elif s.strategy == "fsdp2" and s.weight_bytes == 4 and s.reference_dtype is None:
+            out.append([("FSDP2 param_dtype bf16: gathered weights and the sharded reference in bf16 "
+                         "(trainer.strategy.init_args.param_dtype: bfloat16)", {"fsdp_param_dtype": "bfloat16"})])
         out.append([("LoRA r=64 on the LM projections (policy.init_args.lora: {r: 64, alpha: 128})",
                      {"lora_rank": 64, "lora_targets": LM_PROJECTIONS})])
     if not s.gradient_checkpointing:
@@ -983,13 +1067,16 @@ def _ladders(g: ModelGeometry, s: PlanSettings) -> list[list[Change]]:
     if s.lora and s.param_bytes == 4:
         out.append([("frozen base weights in bf16 (policy.init_args.dtype: bfloat16; peft keeps adapters fp32)",
                      {"policy_dtype": "bfloat16"})])
+    if s.rollout_gathered and s.shards > 1 and s.fused_decode != "off" and not s.vllm:
+        out.append([("fused_decode: off (FSDP2 gathers one unit at a time for the rollout instead of the whole model; "
+                     "a slower decode)", {"fused_decode": "off", "rollout_gathered": False})])
     if s.fused_decode == "merged" and not s.vllm:
         out.append([("fused_decode: adapters (no merged weight copy)", {"fused_decode": "adapters"})])
     if s.vllm:
         out += _engine_ladders(g, s)
     gpus = s.num_gpus if s.strategy == "fsdp2" else 1
     out.append([(f"FSDP2 over {k * gpus} GPUs (strategy emorl_pl.strategies.FSDP2Strategy)",
-                 {"strategy": "fsdp2", "num_gpus": k * gpus}) for k in (2, 4, 8)])
+                 {"strategy": "fsdp2", "num_gpus": k * gpus, "shard_degree": None}) for k in (2, 4, 8)])
     return out
 
 

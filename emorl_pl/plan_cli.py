@@ -7,8 +7,9 @@ Reads the same LightningCLI YAML files as ``emorl fit`` (``-c`` whole configs, `
 ``--trainer`` section files, ``--section.key value`` overrides) and the model's ``config.json`` (from
 ``model_dir``, or ``--model-config``), then prints ``emorl_pl.memory_plan.plan``: what each rank holds
 throughout, each stage of a step on top of it, the peak, whether it fits ``--gpu-memory`` GiB with a 15%
-margin and, when it does not, what to change with the new estimate. Plain YAML/JSON parsing: no torch,
-no Lightning, no model loading.
+margin and, when it does not, what to change with the new estimate. No model is loaded; the constructor
+defaults it fills in (``GRPOModule``, ``AudioLMPolicy``, ``LoraSettings``, ``ShardDataModule``) and the FSDP2
+mesh (``strategies.mesh_shape``) are read from the code itself, so it imports torch and Lightning.
 
 With ``--model.init_args.policy.init_args.rollout_engine vllm`` (and ``...policy.init_args.vllm: {...}``) it
 counts the colocated vLLM engine (its weight copy, its reservation of ``gpu_memory_utilization`` of the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -47,6 +49,7 @@ from emorl_pl.memory_plan import (
     engine_reserved_bytes,
     engine_weight_bytes,
     lm_params,
+    lora_adapted_targets,
     plan,
     rollout_engines,
     suggestions,
@@ -57,15 +60,12 @@ from emorl_pl.memory_plan import (
 )
 
 POLICY = ("model", "init_args", "policy", "init_args")
-# Defaults of the constructor arguments the plan reads, as in GRPOModule, AudioLMPolicy, LoraSettings and
-# ShardDataModule (tests/test_memory_plan.py checks them against the signatures).
-MODULE_DEFAULTS = {"group_size": 6, "max_new_tokens": 128, "beta": 0.04, "micro_batch_size": 8,
-                   "num_iterations": 1, "accumulate_grad_batches": 1, "mode": "esr", "labels": "iemocap4",
-                   "eval_max_new_tokens": None}
-POLICY_DEFAULTS = {"dtype": "float32", "gradient_checkpointing": False, "lora": None, "freeze_audio_tower": True,
-                   "fused_decode": "adapters", "rollout_engine": "fused", "vllm": None}
-LORA_DEFAULTS = {"r": 8, "dropout": 0.0, "target_modules": None}
-DATA_DEFAULTS = {"batch_size": 8, "eval_batch_size": None, "max_duration": 10.0, "label_set": "iemocap4"}
+# The constructor arguments the plan reads; their defaults come from the constructors (``constructor_defaults``).
+MODULE_KEYS = ("group_size", "max_new_tokens", "beta", "micro_batch_size", "num_iterations", "accumulate_grad_batches",
+               "mode", "labels", "eval_max_new_tokens")
+POLICY_KEYS = ("dtype", "gradient_checkpointing", "lora", "freeze_audio_tower", "fused_decode", "rollout_engine", "vllm")
+LORA_KEYS = ("r", "dropout", "target_modules")
+DATA_KEYS = ("batch_size", "eval_batch_size", "max_duration", "label_set")
 # Number of labels of the named label sets (emorl_pl.emotions.LABEL_SETS), for the prompt's length.
 LABEL_SET_SIZES = {"iemocap4": 4, "meld7": 7, "ravdess8": 8, "cremad6": 6, "savee7": 7}
 # Qwen2Config / Qwen2AudioEncoderConfig defaults (transformers 5.17): the published Qwen2-Audio config.json
@@ -76,14 +76,39 @@ AUDIO_DEFAULTS = {"d_model": 1280, "encoder_layers": 32, "encoder_attention_head
                   "num_mel_bins": 128, "max_source_positions": 1500}
 
 
+AUDIO_ALIASES = {"d_model": "hidden_size", "encoder_layers": "num_hidden_layers",
+                 "encoder_attention_heads": "num_attention_heads", "encoder_ffn_dim": "intermediate_size"}
+
+
 class PlanConfigError(ValueError):
     """A config lacks something the plan needs, or has a value it cannot read (the message names it)."""
 
 
+def constructor_defaults() -> dict[str, dict[str, Any]]:
+    """The defaults of the arguments the plan reads, from the code when called: ``GRPOModule.__init__``
+    ("module"), ``AudioLMPolicy.__init__`` ("policy"), the ``LoraSettings`` dataclass ("lora") and
+    ``ShardDataModule.__init__`` ("data")."""
+    from emorl_pl.datamodules.webdataset import ShardDataModule
+    from emorl_pl.modules.grpo_module import GRPOModule
+    from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
+
+    def signature(fn: Any, keys: Sequence[str]) -> dict[str, Any]:
+        params = inspect.signature(fn).parameters
+        return {k: params[k].default for k in keys}
+
+    lora = {f.name: f.default for f in dataclasses.fields(LoraSettings)}
+    return {"module": signature(GRPOModule.__init__, MODULE_KEYS),
+            "policy": signature(AudioLMPolicy.__init__, POLICY_KEYS),
+            "lora": {k: lora[k] for k in LORA_KEYS},
+            "data": signature(ShardDataModule.__init__, DATA_KEYS)}
+
+
 # ------------------------------------------------------------------------------------------ config.json
 def geometry_from_config(path: str | Path) -> ModelGeometry:
-    """The shapes of a Qwen2-Audio (``qwen2_audio``) or Qwen2.5-Omni thinker config.json; keys the file
-    leaves out take transformers' defaults, as ``from_pretrained`` would."""
+    """The shapes of a Qwen2-Audio (``qwen2_audio``), Audio Flamingo 3 (``audioflamingo3``), Qwen2.5-Omni or
+    Qwen3-Omni-MoE (thinker) config.json; keys the file leaves out take transformers' defaults, as
+    ``from_pretrained`` would. The Omni thinkers' towers (audio, and vision, which the thinker loads too) are
+    counted by building the thinker on the meta device (``_tower_params``)."""
     path = Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -91,13 +116,21 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         raise PlanConfigError(f"{path}: no such file (pass --model-config PATH/config.json)") from None
     except json.JSONDecodeError as err:
         raise PlanConfigError(f"{path}: not valid JSON ({err})") from None
-    if "thinker_config" in config:  # Qwen2.5-Omni: the thinker is the audio-LM
+    outer = config
+    if "thinker_config" in config:  # Qwen2.5-Omni, Qwen3-Omni: the thinker is the audio-LM
         config = config["thinker_config"]
     model_type = config.get("model_type")
-    if model_type not in ("qwen2_audio", "qwen2_5_omni_thinker"):
-        raise PlanConfigError(f"{path}: model_type {model_type!r} is not qwen2_audio or qwen2_5_omni_thinker")
+    known = ("qwen2_audio", "audioflamingo3", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
+    if model_type not in known:
+        raise PlanConfigError(f"{path}: model_type {model_type!r} is not one of {', '.join(known)}")
     text = {**QWEN2_TEXT_DEFAULTS, **config.get("text_config", {})}
-    audio = {**AUDIO_DEFAULTS, **config.get("audio_config", {})}
+    # transformers 5 writes some encoder configs (AudioFlamingo3EncoderConfig) with the generic names, which its
+    # attribute_map aliases to Whisper's: either spelling is read.
+    given = dict(config.get("audio_config", {}))
+    for whisper, generic in AUDIO_ALIASES.items():
+        if whisper not in given and generic in given:
+            given[whisper] = given[generic]
+    audio = {**AUDIO_DEFAULTS, **given}
 
     def size(section: str, values: Mapping[str, Any], key: str) -> int:
         return _count(values[key], f"{section}.{key}", str(path))
@@ -108,7 +141,12 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     heads = size("text_config", text, "num_attention_heads")
     hidden = size("text_config", text, "hidden_size")
     # transformers writes the checkpoint's dtype as torch_dtype (older) or dtype (5.x), top level or per part.
-    dtypes = [c.get(k) for c in (config, text) for k in ("torch_dtype", "dtype")]
+    dtypes = [c.get(k) for c in (config, outer, text) for k in ("torch_dtype", "dtype")]
+    moe = model_type == "qwen3_omni_moe_thinker"
+    moe_sizes = ({"num_experts": size("text_config", text, "num_experts"),
+                  "experts_per_token": size("text_config", text, "num_experts_per_tok"),
+                  "moe_intermediate_size": size("text_config", text, "moe_intermediate_size")} if moe else {})
+    omni = model_type.endswith("_thinker")
     torch_dtype = next((d for d in dtypes if isinstance(d, str)), None)
     return ModelGeometry(
         vocab_size=size("text_config", text, "vocab_size"),
@@ -125,10 +163,34 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         audio_ffn=size("audio_config", audio, "encoder_ffn_dim"),
         num_mel_bins=size("audio_config", audio, "num_mel_bins"),
         max_source_positions=size("audio_config", audio, "max_source_positions"),
-        projector=model_type == "qwen2_audio",
+        projector=model_type in ("qwen2_audio", "audioflamingo3"),
+        projector_layers=2 if model_type == "audioflamingo3" else 1,
+        attention_bias=bool(text.get("attention_bias", not moe)),  # Qwen2: q/k/v biases; Qwen3: none
+        qk_norm=moe,
+        **moe_sizes,
+        tower_params=_tower_params(model_type, config, str(path)) if omni else None,
+        audio_chunk_tokens=13 if moe else None,
         name=path.parent.name if path.name == "config.json" else path.stem,
         torch_dtype=torch_dtype,
     )
+
+
+def _tower_params(model_type: str, config: dict, where: str) -> int:
+    """Parameters outside the language model (``model.*`` and ``lm_head``) of the family's model class built
+    from ``config`` on the meta device: the Omni thinkers' audio and vision towers."""
+    import torch
+
+    from emorl_pl.modules.families import family_for, import_class
+
+    model_class = import_class(family_for(model_type, where).model_class)
+    try:
+        hf_config = model_class.config_class(**config)
+    except (TypeError, ValueError) as err:
+        raise PlanConfigError(f"{where}: {model_class.config_class.__name__} cannot read it ({err})") from None
+    with torch.device("meta"):
+        model = model_class(hf_config)
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not (n.startswith("model.") or n.startswith("lm_head.")))
 
 
 # ------------------------------------------------------------------------------------------ YAML files
@@ -276,6 +338,24 @@ def _devices(trainer: dict, where: str) -> int | None:
                           f"got {devices!r} (in {where})")
 
 
+def _shard_degree(strategy_args: Mapping[str, Any], gpus: int, nodes: int, where: str) -> int:
+    """FSDP2Strategy's shard degree for ``gpus`` ranks on ``nodes`` nodes, as ``strategies.mesh_shape`` picks it
+    from ``trainer.strategy.init_args.shard_degree`` / ``replicate_degree`` ("auto": one node's devices)."""
+    from emorl_pl.strategies import mesh_shape
+
+    degrees = {}
+    for name in ("shard_degree", "replicate_degree"):
+        value = strategy_args.get(name, "auto")
+        degrees[name] = value if value == "auto" else _count(value, f"trainer.strategy.init_args.{name}", where)
+    if gpus % nodes:
+        raise PlanConfigError(f"{gpus} GPUs do not split evenly over trainer.num_nodes {nodes} (in {where})")
+    try:
+        _, shard = mesh_shape(gpus, gpus // nodes, degrees["shard_degree"], degrees["replicate_degree"])
+    except ValueError as err:
+        raise PlanConfigError(f"{err} (in {where})") from None
+    return shard
+
+
 def _engine_settings(value: Any, key: str, where: str) -> dict[str, Any]:
     """``policy.init_args.vllm`` (a ``VLLMSettings`` mapping, or null) over the dataclass's defaults, each value
     checked; an unknown key is an error naming the known ones, as jsonargparse would refuse it."""
@@ -302,7 +382,8 @@ def _engine_settings(value: Any, key: str, where: str) -> dict[str, Any]:
 def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_seconds: float | None = None,
                          gpus: int | None = None, device: str = "cuda", window_seconds: float = 30.0,
                          reference_dtype: str | None = None,
-                         gpu_memory_gib: float | None = None) -> tuple[PlanSettings, dict]:
+                         gpu_memory_gib: float | None = None,
+                         audio_chunk_tokens: int | None = None) -> tuple[PlanSettings, dict]:
     """``PlanSettings`` of one rank from a merged LightningCLI config; also returns what was assumed
     (audio seconds and where they came from, text tokens, ...) for the printout.
 
@@ -311,9 +392,10 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
     unless the strategy says ``sync_gradients: per_backward``. With ``rollout_engine: vllm`` the engine's
     settings are ``policy.init_args.vllm`` over ``VLLMSettings``' defaults, and its reservation is a fraction
     of ``gpu_memory_gib``."""
-    module = {**MODULE_DEFAULTS, **_init_args(config, "model")}
-    policy = {**POLICY_DEFAULTS, **(_get(config, POLICY) or {})}
-    data = {**DATA_DEFAULTS, **_init_args(config, "data")}
+    defaults = constructor_defaults()
+    module = {**defaults["module"], **_init_args(config, "model")}
+    policy = {**defaults["policy"], **(_get(config, POLICY) or {})}
+    data = {**defaults["data"], **_init_args(config, "data")}
     trainer = config.get("trainer") or {}
     where_model = origin.get("model", "the model config")
     where_data = origin.get("data", "the data config (or its defaults)")
@@ -349,13 +431,15 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
                               "picks the GPU count at run time; pass --gpus N")
     if strategy == "auto":
         strategy = "single" if n == 1 else "ddp"
+    nodes = 1 if trainer.get("num_nodes") is None else _count(trainer["num_nodes"], "trainer.num_nodes", where_trainer)
+    shard_degree = _shard_degree(strategy_args, n, nodes, where_trainer) if strategy == "fsdp2" else None
 
     lora = policy.get("lora")
     lora_rank, lora_targets, lora_dropout = None, LM_PROJECTIONS, 0.0
     if lora is not None:
         if not isinstance(lora, dict):
             raise PlanConfigError(f"{pol}lora must be a mapping of LoRA settings or null, got {lora!r} (in {where_model})")
-        lora = {**LORA_DEFAULTS, **lora}
+        lora = {**defaults["lora"], **lora}
         lora_rank = _count(lora["r"], pol + "lora.r", where_model)
         lora_dropout = _number(lora["dropout"], pol + "lora.dropout", where_model, low=0, low_open=False, high=1)
         targets = lora["target_modules"]
@@ -373,7 +457,7 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
     else:
         source = "--audio-seconds"
     n_text = text_tokens(mode, num_labels)
-    n_audio = audio_tokens(audio_seconds, window_seconds)
+    n_audio = audio_tokens(audio_seconds, window_seconds, audio_chunk_tokens)
     precision = str(trainer.get("precision", "32-true"))
     if precision in ("32", "64", "16", "bf16"):
         precision = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}[precision]
@@ -390,6 +474,8 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
         precision=precision,
         strategy=strategy,
         num_gpus=int(n),
+        num_nodes=nodes,
+        shard_degree=shard_degree,
         gradient_checkpointing=bool(policy["gradient_checkpointing"]),
         beta=beta,
         num_iterations=counts["num_iterations"],
@@ -444,12 +530,17 @@ def _gib(x: float) -> str:
 def format_plan(p: Plan, limit_gib: float, assumed: Mapping[str, Any], source: str) -> str:
     g, s = p.geometry, p.settings
     n_total, n_train = lm_params(g) + audio_params(g), trainable_params(g, s)
-    tuning = f"LoRA r={s.lora_rank} on {len(s.lora_targets)} LM projections" if s.lora else "full fine-tuning of the LM"
+    tuning = (f"LoRA r={s.lora_rank} on {len(lora_adapted_targets(g, s.lora_targets))} LM projections" if s.lora
+              else "full fine-tuning of the LM")
     strategy = {"single": "one device", "ddp": f"DDP over {s.num_gpus} GPUs",
-                "fsdp2": f"FSDP2 over {s.num_gpus} GPUs"}[s.strategy]
+                "fsdp2": f"FSDP2 over {s.num_gpus} GPUs" + (
+                    f" (HSDP: {s.num_gpus // s.shards} replicas of {s.shards} shards)" if s.shards < s.num_gpus
+                    else "")}[s.strategy]
     lines = [
         f"Memory plan per GPU ({source})",
-        f"  model: {n_total / 1e9:.2f} B parameters (language model {lm_params(g) / 1e9:.2f} B, audio encoder "
+        f"  model: {n_total / 1e9:.2f} B parameters (language model {lm_params(g) / 1e9:.2f} B"
+        + (f": {g.num_experts} experts, {g.experts_per_token} per token" if g.moe else "")
+        + f", {'audio and vision towers' if g.tower_params is not None else 'audio encoder'} "
         f"{audio_params(g) / 1e9:.2f} B); {tuning}: {n_train / 1e9:.3g} B trainable",
         f"  run: {strategy}{f' (param_dtype {s.fsdp_param_dtype})' if s.strategy == 'fsdp2' and s.fsdp_param_dtype else ''};"
         f" policy dtype {s.policy_dtype}; precision {s.precision}; gradient checkpointing "
@@ -600,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings, assumed = settings_from_config(
             config, origin, audio_seconds=args.audio_seconds, gpus=args.gpus, device=args.device,
             window_seconds=geometry.window_seconds, reference_dtype=args.reference_dtype,
-            gpu_memory_gib=args.gpu_memory)
+            gpu_memory_gib=args.gpu_memory, audio_chunk_tokens=geometry.audio_chunk_tokens)
         result = plan(geometry, settings)
     except (PlanConfigError, ValueError) as err:
         print(f"emorl-plan: error: {err}", file=sys.stderr)

@@ -196,11 +196,13 @@ def test_export_writes_the_published_layout(request, base, tmp_path):
 
 
 # ------------------------------------------------------------------------------- Qwen2.5-Omni thinker
-def test_omni_thinker_saves_under_its_own_names(tmp_path):
-    """transformers 5.17 has no renaming for the thinker: its published names are its in-memory ones (the full
-    Omni checkpoint adds ``thinker.``, which a thinker-only folder does not carry)."""
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+def test_omni_thinker_saves_in_the_whole_omni_layout(tmp_path):
+    """The published Qwen2.5-Omni checkpoint is the whole Omni model: the Omni config around the thinker's and
+    the thinker's weights under ``thinker.``, the folder vLLM serves the thinker from; transformers loads the
+    thinker class from it."""
+    import json
 
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
     config = Qwen2_5OmniThinkerConfig(
         audio_config={"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
                       "num_mel_bins": 128, "output_dim": 16, "n_window": 50, "max_source_positions": 50},
@@ -212,11 +214,13 @@ def test_omni_thinker_saves_under_its_own_names(tmp_path):
     )
     torch.manual_seed(0)
     thinker = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
-    assert all(k == v for k, v in hub_key_map(thinker).items())
+    assert all(v == "thinker." + k for k, v in hub_key_map(thinker).items())
     save_in_hub_layout(thinker, tmp_path / "thinker")
     names = saved_weight_names(tmp_path / "thinker")
-    assert names == sorted(thinker.state_dict())
-    assert {n.split(".")[0] for n in names} == {"audio_tower", "visual", "model", "lm_head"}
+    assert names == sorted("thinker." + k for k in thinker.state_dict())
+    assert {n.split(".")[1] for n in names} == {"audio_tower", "visual", "model", "lm_head"}
+    config = json.loads((tmp_path / "thinker" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_omni" and config["enable_audio_output"] is False
     assert hub_layout_problems(tmp_path / "thinker") == []
     loaded = _load_cleanly(Qwen2_5OmniThinkerForConditionalGeneration, tmp_path / "thinker")
     _assert_same_state(thinker, loaded)

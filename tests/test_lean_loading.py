@@ -243,7 +243,7 @@ def test_export_loads_checkpoint_over_an_empty_model(toy_model_dir, tmp_path):
         got = {name: t for name, t in policy.state_dict().items()}
         assert got.keys() == everything.keys()
         assert [n for n in everything if not torch.equal(got[n], everything[n])] == [], ckpt
-        assert policy._reference_model is None, "an export makes no frozen reference copy"
+        assert policy.loaded_models.reference is None, "an export makes no frozen reference copy"
 
 
 def test_safetensors_rows_equal_the_safetensors_library(tmp_path, monkeypatch):

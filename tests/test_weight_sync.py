@@ -106,7 +106,7 @@ def _sharded_worker(rank: int, model_dir: str, out: str, port: int, lora: bool, 
 
         DTensor.full_tensor = counting
         try:
-            write_hub_shards(iter_merged_weights(policy.hf_model, policy._compute_dtype),
+            write_hub_shards(iter_merged_weights(policy.hf_model, policy.loaded_models.compute_dtype),
                              hub_key_map(meta_model(model_dir)), Path(out) / "sharded" if rank == 0 else None,
                              max_shard_bytes=1 << 20)
         finally:

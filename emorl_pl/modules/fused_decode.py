@@ -32,6 +32,14 @@ The model's own RMSNorm, rotary and activation modules are called, so epsilon, r
 are the model's. ``unsupported`` names what this step cannot run (another architecture, sliding-window
 layers, DoRA or other LoRA variants, sharded or quantised weights); the policy then decodes with the
 decoder's own forward.
+
+Families: Qwen2-Audio's Qwen2 layers; the Qwen2.5-Omni thinker's (Qwen2 layers, 3-section multimodal RoPE);
+the Qwen3-Omni thinker's (per-head q/k RMSNorm, interleaved multimodal RoPE, mixture-of-experts MLP). A
+multimodal rotary module is given the step's position in all three sections, as the thinker's decode gives it
+(the text position, offset 0 for audio-and-text prompts: ``families.check_positions``). The experts' routing
+depends on each token (top-k of a linear router over all experts), so it is no static tensor program: a
+mixture-of-experts MLP runs as the layer's own module (``mlp(x)``: its router, top-k and expert loop), the
+rest of the layer fused around it.
 """
 
 from __future__ import annotations
@@ -41,7 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-_LAYER_CLASSES = ("Qwen2DecoderLayer",)  # Qwen2-Audio's language model; Omni's thinker uses 3-D mrope
+# Qwen2-Audio's language model, the Qwen2.5-Omni thinker's (Qwen2 layers), the Qwen3-Omni thinker's (Qwen3-MoE)
+_LAYER_CLASSES = ("Qwen2DecoderLayer", "Qwen2_5OmniDecoderLayer", "Qwen3OmniMoeThinkerTextDecoderLayer")
+_DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+# Mixture-of-experts MLPs the step calls as modules (their routing is per token: see the module docstring).
+_MOE_MLP_CLASSES = ("Qwen3OmniMoeThinkerTextSparseMoeBlock",)
 
 
 Projection = tuple[Tensor, "Tensor | None", list[tuple[Tensor, Tensor, float]]]  # W, bias, [(A, B, s)]
@@ -74,6 +86,13 @@ def effective_linear(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     for a, b, scale in adapters:
         weight = weight + ((b.float() @ a.float()) * scale).to(weight.dtype)
     return weight, bias
+
+
+def _cat_biases(qkv: list[tuple[Tensor, Tensor | None]]) -> Tensor | None:
+    """The q|k|v bias of merged projections: None when none has one; a missing one adds zeros (Qwen2: all three)."""
+    if all(b is None for _, b in qkv):
+        return None
+    return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in qkv])
 
 
 def apply(x: Tensor, proj: Projection) -> Tensor:
@@ -122,12 +141,25 @@ def unsupported(decoder: nn.Module, lm_head: nn.Module) -> str | None:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if problem := _linear_problem(f"layers.{i}.self_attn.{name}", getattr(layer.self_attn, name)):
                 return problem
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        if _is_moe(layer.mlp):
+            continue  # called as the layer's own module
+        if not all(hasattr(layer.mlp, name) for name in _DENSE_MLP):
+            return f"layers.{i}.mlp is a {_plain_type(layer.mlp).__name__}"
+        for name in _DENSE_MLP:
             if problem := _linear_problem(f"layers.{i}.mlp.{name}", getattr(layer.mlp, name)):
                 return problem
         if any(projection(getattr(layer.mlp, name))[1] is not None for name in ("gate_proj", "up_proj")):
             return f"layers.{i}.mlp: gate/up projections with a bias"
     return _linear_problem("lm_head", lm_head)
+
+
+def _is_moe(mlp: nn.Module) -> bool:
+    return _plain_type(mlp).__name__ in _MOE_MLP_CLASSES
+
+
+def _rope_sections(rotary: nn.Module) -> int | None:
+    """3 for a multimodal rotary module (positions (3, n, L): temporal, height, width), None for a 1-D one."""
+    return 3 if hasattr(rotary, "mrope_section") else None
 
 
 # Where prepacking the lm_head pays on CPU: packing costs about 3 of its GEMMs and saves ~0.25 of one per
@@ -168,6 +200,7 @@ class FusedDecodeStep:
         if problem := unsupported(decoder, lm_head):
             raise ValueError(f"FusedDecodeStep cannot run this decoder: {problem}")
         self.rotary, self.norm = decoder.rotary_emb, decoder.norm
+        self.rope_sections = _rope_sections(self.rotary)
         attn = decoder.layers[0].self_attn
         self.head_dim, self.scale, self.groups = attn.head_dim, attn.scaling, attn.num_key_value_groups
         n, width = attention.shape
@@ -190,11 +223,23 @@ class FusedDecodeStep:
             cache_k = keys.new_empty(utterances, keys.shape[1], c + new * g, keys.shape[3])
             cache_v = torch.empty_like(cache_k)
             cache_k[:, :, :c], cache_v[:, :, :c] = keys, values
+            head_norms = {"q_norm": getattr(a, "q_norm", None), "k_norm": getattr(a, "k_norm", None)}
+            if _is_moe(m):  # the layer's own mixture-of-experts module, around the fused attention
+                qkv = [effective_linear(p) if merge else projection(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
+                if merge:
+                    attention_in = [(torch.cat([w for w, _ in qkv]), _cat_biases(qkv), [])]
+                    o = (*effective_linear(a.o_proj), [])
+                else:
+                    attention_in, o = qkv, projection(a.o_proj)
+                self.layers.append({
+                    "norm_1": layer.input_layernorm, "norm_2": layer.post_attention_layernorm, "moe": m,
+                    "qkv": attention_in, "split": [p.out_features for p in (a.q_proj, a.k_proj, a.v_proj)],
+                    "o": o, "k": cache_k, "v": cache_v, **head_norms,
+                })
+                continue
             if merge:
                 qkv = [effective_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
-                qkv_bias = None
-                if any(b is not None for _, b in qkv):  # Qwen2: all three; a missing one adds zeros
-                    qkv_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in qkv])
+                qkv_bias = _cat_biases(qkv)
                 gate, up = effective_linear(m.gate_proj)[0], effective_linear(m.up_proj)[0]
                 attention_in = [(torch.cat([w for w, _ in qkv]), qkv_bias, [])]
                 mlp_in = [(torch.cat([gate, up]), None, [])]
@@ -207,7 +252,7 @@ class FusedDecodeStep:
                 "norm_1": layer.input_layernorm, "norm_2": layer.post_attention_layernorm, "act": m.act_fn,
                 "qkv": attention_in, "split": [p.out_features for p in (a.q_proj, a.k_proj, a.v_proj)],
                 "o": o, "gate_up": mlp_in, "intermediate": m.gate_proj.out_features, "down": down,
-                "k": cache_k, "v": cache_v,
+                "k": cache_k, "v": cache_v, "moe": None, **head_norms,
             })
         self.lm_head = (*effective_linear(lm_head), []) if merge else projection(lm_head)
         if pack_lm_head is None:
@@ -237,12 +282,16 @@ class FusedDecodeStep:
             raise RuntimeError(f"FusedDecodeStep: all {c} cache columns are used")
         n, d, groups, g = x.shape[0], self.head_dim, self.groups, self.repeat
         b, end = n // g, self.prompt_columns + (t + 1) * g  # the utterance's columns in use after this write
+        if self.rope_sections is not None:  # the thinker's decode: the position in every section
+            position = position[None].expand(self.rope_sections, -1, -1)
         cos, sin = self.rotary(x, position)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (n, 1, 1, d): broadcast over heads
         mask = self.mask[..., :end]
         h = x
         for w in self.layers:
             q, k, v = self._project(w["norm_1"](h), w["qkv"], w["split"])
+            if w["q_norm"] is not None:  # Qwen3: RMSNorm over each head's d channels, before the rotation
+                q, k = w["q_norm"](q.view(n, -1, d)), w["k_norm"](k.view(n, -1, d))
             # One query token per row: the `groups` query heads sharing a KV head, for the G rows of an
             # utterance, become that head's G x groups query rows, (B, kv_heads, G groups, d); grouped-query
             # attention then needs no copy of K and V.
@@ -253,6 +302,9 @@ class FusedDecodeStep:
                                                  w["v"][:, :, :end], attn_mask=mask, scale=self.scale)
             out = out.view(b, -1, g, groups, d).transpose(1, 2)  # (B, G, kv_heads, groups, d): row-major again
             h = h + apply(out.reshape(n, 1, -1), w["o"])
+            if w["moe"] is not None:
+                h = h + w["moe"](w["norm_2"](h))
+                continue
             gate, up = self._project(w["norm_2"](h), w["gate_up"], w["intermediate"])
             h = h + apply(w["act"](gate) * up, w["down"])
         self.column = c + 1

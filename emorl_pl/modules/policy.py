@@ -70,6 +70,25 @@ class LoraSettings:
     target_modules: list[str] | str | None = None
 
 
+@dataclass
+class LoadedModels:
+    """What ``AudioLMPolicy.load`` / ``shard`` build, in one typed record that ``nn.Module`` does not register
+    (so none of it enters the policy's ``state_dict``, ``parameters()`` or ``.to()``):
+
+    ``hf``: the transformers model (LoRA injected in place; the trained weights, registered through the
+    policy's ``model``); ``reference``: full fine-tuning's frozen reference (None with LoRA: the adapters off
+    are the reference), set only by ``AudioLMPolicy._set_reference``; ``mesh`` / ``compute_dtype``: the
+    FSDP2 mesh and compute dtype once sharded; ``pending_weights``: the file plan of a model built on the
+    meta device whose weights are not read yet.
+    """
+
+    hf: nn.Module
+    reference: nn.Module | None = None
+    mesh: Any = None
+    compute_dtype: torch.dtype | None = None
+    pending_weights: loading.WeightPlan | None = None
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode inside, its previous mode restored after."""
@@ -186,6 +205,7 @@ class AudioLMPolicy(nn.Module):
         self.share_prompt_kv = share_prompt_kv
         self.dropout = dropout
         self.model: nn.Module | None = None
+        self.loaded_models: LoadedModels | None = None  # what load() builds (outside the module registry)
         self.processor = None
         self.family: AudioLMFamily | None = None
         self.cropped = CroppedAudio()
@@ -213,7 +233,7 @@ class AudioLMPolicy(nn.Module):
         if self.loaded:
             if weights is not None:
                 raise ValueError("load(weights=...) needs a policy whose model is not loaded yet")
-            if reference and self._pending_weights is not None:
+            if reference and self.loaded_models.pending_weights is not None:
                 self._finish_loading(reference=True)
             return self
         from transformers import AutoConfig
@@ -244,15 +264,14 @@ class AudioLMPolicy(nn.Module):
         self.family.check_model(hf_model, str(path / "config.json"))
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
-        # The unwrapped model as a plain (unregistered) attribute: peft injects LoRA into it in place.
-        object.__setattr__(self, "_hf", hf_model)
+        # The unwrapped model in a plain record, not registered: peft injects LoRA into it in place and
+        # registers the wrapper as self.model.
+        self.loaded_models = LoadedModels(hf_model)
         if self.freeze_audio_tower:
             self.family.audio_tower(hf_model).requires_grad_(False)
-        object.__setattr__(self, "_reference_model", None)
-        object.__setattr__(self, "_mesh", None)
         if self.lora is None and reference and plan is None:
             # not registered: out of state_dict and the optimizer
-            object.__setattr__(self, "_reference_model", ref_weights.frozen_copy(hf_model))
+            self._set_reference(ref_weights.frozen_copy(hf_model))
 
         if self.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -278,7 +297,7 @@ class AudioLMPolicy(nn.Module):
         self.model.train()  # from_pretrained returns eval mode; Lightning trains what it is given
         self._token_ids()
         # LoRA made its adapters (real, on the CPU) on the meta model: bound by their names after wrapping.
-        object.__setattr__(self, "_pending_weights", plan.bind(hf_model) if plan is not None else None)
+        self.loaded_models.pending_weights = plan.bind(hf_model) if plan is not None else None
         if weights is not None:
             if plan is None:
                 self._load_weights_in_place(weights)
@@ -286,17 +305,16 @@ class AudioLMPolicy(nn.Module):
                 self._finish_loading(reference=reference, weights=weights)
         return self
 
-    _pending_weights: loading.WeightPlan | None = None  # built on meta by load(reference=False), not read yet
 
     def _finish_loading(self, reference: bool, weights: MutableMapping[str, Tensor] | None = None) -> None:
         """Read the weights of a model that ``load`` built on the meta device, in full (unsharded, on the CPU);
         ``weights`` (policy names) in place of the files'. Full fine-tuning with ``reference``: the frozen copy."""
-        plan = self._pending_weights
+        plan = self.loaded_models.pending_weights
         by_hf_name = self._by_hf_name(weights) if weights is not None else None
-        object.__setattr__(self, "_pending_weights", None)
-        loading.materialize(self._hf, plan, torch.device("cpu"), by_hf_name)
+        self.loaded_models.pending_weights = None
+        loading.materialize(self.loaded_models.hf, plan, torch.device("cpu"), by_hf_name)
         if self.lora is None and reference:
-            object.__setattr__(self, "_reference_model", ref_weights.frozen_copy(self._hf))
+            self._set_reference(ref_weights.frozen_copy(self.loaded_models.hf))
 
     def _by_hf_name(self, weights: MutableMapping[str, Tensor]) -> dict[str, Tensor]:
         """``weights`` (this policy's ``state_dict`` names) by the unwrapped model's names; moved out of
@@ -305,7 +323,7 @@ class AudioLMPolicy(nn.Module):
             yield from module.named_parameters(remove_duplicate=False)
             yield from module.named_buffers(remove_duplicate=False)
 
-        hf_names = {id(t): name for name, t in named(self._hf)}
+        hf_names = {id(t): name for name, t in named(self.loaded_models.hf)}
         names = {name: hf_names[id(t)] for name, t in named(self) if id(t) in hf_names}
         unknown = sorted(set(weights) - set(names))
         if unknown:
@@ -358,7 +376,7 @@ class AudioLMPolicy(nn.Module):
     def hf_model(self) -> nn.Module:
         """The underlying transformers model (LoRA layers injected in place when LoRA is on)."""
         self.load()
-        return self._hf
+        return self.loaded_models.hf
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         self.load()
@@ -397,7 +415,7 @@ class AudioLMPolicy(nn.Module):
         ``cropped_utterances`` / ``cropped_seconds``, logged as a warning the first time.
         """
         self.load()
-        param = next(self._hf.parameters())
+        param = next(self.loaded_models.hf.parameters())
         systems = self.system_prompt if system_prompts is None else [
             self.system_prompt if s is None else s for s in system_prompts]
         return build_prompts(self.processor, waveforms, sample_rate, instruction, texts,
@@ -418,18 +436,18 @@ class AudioLMPolicy(nn.Module):
         # layer drop samples torch.rand per layer in training mode, shifting the sampling RNG).
         with torch.no_grad(), _eval_mode(self.model):
             # Prefill, decode and scoring give the decoder the text positions: the model's own must agree.
-            self.family.check_positions(self._hf, prompts.input_ids, prompts.attention_mask,
+            self.family.check_positions(self.loaded_models.hf, prompts.input_ids, prompts.attention_mask,
                                         prompts.feature_attention_mask)
-            hidden = self.family.encode_audio(self._hf, prompts.input_features, prompts.feature_attention_mask)
+            hidden = self.family.encode_audio(self.loaded_models.hf, prompts.input_features, prompts.feature_attention_mask)
         hidden = [h.detach() for h in hidden]
-        embeds = self.family.merge(self._hf, prompts.input_ids, hidden)
+        embeds = self.family.merge(self.loaded_models.hf, prompts.input_ids, hidden)
         return PromptEmbeds(prompts.input_ids, prompts.attention_mask, embeds, hidden, prompts)
 
     def _prompt_embeds(self, hf_model: nn.Module, pe: PromptEmbeds, utts: Tensor, reference: bool) -> Tensor:
         """Prompt embeddings of utterances ``utts`` for ``hf_model``, re-using the cached tower output
         unless that tower is trainable (then: with grad for the policy, a cached pass for the reference copy)."""
         idx = utts.tolist()
-        if reference and self.lora is None and self._tower_trainable(self._hf):
+        if reference and self.lora is None and self._tower_trainable(self.loaded_models.hf):
             if pe.ref_audio_hidden is None:
                 p = pe.prompts
                 pe.ref_audio_hidden = self.family.encode_audio(hf_model, p.input_features, p.feature_attention_mask)
@@ -476,13 +494,13 @@ class AudioLMPolicy(nn.Module):
                                     top_k=top_k, top_p=top_p, synced_gpus=synced_gpus)
         if self.rollout_engine == "vllm":
             return self._engine_rollout(pe, group_size, settings, mask_truncated)
-        with _eval_mode(self._hf):  # no dropout / checkpointing during sampling
-            self.family.reset_state(self._hf)
-            if self.decoding == "loop" and sampling.loop_supported(self.family.decoder(self._hf), pe):
-                ids = sampling.decode(self._hf, self.family, pe, group_size, tokens, settings,
+        with _eval_mode(self.loaded_models.hf):  # no dropout / checkpointing during sampling
+            self.family.reset_state(self.loaded_models.hf)
+            if self.decoding == "loop" and sampling.loop_supported(self.family.decoder(self.loaded_models.hf), pe):
+                ids = sampling.decode(self.loaded_models.hf, self.family, pe, group_size, tokens, settings,
                                       fused_decode=self.fused_decode, sharded=self.is_sharded)
             else:
-                ids = sampling.generate(self._hf, self.family, pe, group_size, tokens, settings)
+                ids = sampling.generate(self.loaded_models.hf, self.family, pe, group_size, tokens, settings)
         return self._rollout_from_ids(pe, ids, group_size, mask_truncated)
 
     def _rollout_from_ids(self, pe: PromptEmbeds, ids: Tensor, group_size: int, mask_truncated: bool,
@@ -533,7 +551,7 @@ class AudioLMPolicy(nn.Module):
 
     def _weights_version(self) -> int:
         # Every in-place update (optimizer step, cold-start fold, checkpoint load) bumps a tensor's counter.
-        return sum(p._version for p in self._hf.parameters())
+        return sum(p._version for p in self.loaded_models.hf.parameters())
 
     def sync_engine_weights(self) -> bool:
         """Give the engine the current weights (LoRA merged, out of place) if they changed since the last sync;
@@ -544,7 +562,7 @@ class AudioLMPolicy(nn.Module):
         changed = version != self._engine_synced_version
         ranks = _world_size()
         if ranks > 1:  # one server for every rank: all agree, rank 0 sends, the others wait for it
-            flag = torch.tensor([int(changed)], device=next(self._hf.parameters()).device)  # NCCL: on the GPU
+            flag = torch.tensor([int(changed)], device=next(self.loaded_models.hf.parameters()).device)  # NCCL: on the GPU
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             changed = bool(flag.item())
         if not changed:
@@ -562,7 +580,7 @@ class AudioLMPolicy(nn.Module):
 
             self._engine_key_map = hub_key_map(meta_model(self.model_dir))
         # Under FSDP2 every rank takes part in each weight's all-gather (in the compute dtype); rank 0 writes.
-        write_hub_shards(iter_merged_weights(self._hf, self._compute_dtype), self._engine_key_map,
+        write_hub_shards(iter_merged_weights(self.loaded_models.hf, self.loaded_models.compute_dtype), self._engine_key_map,
                          self._engine_weights_dir if writer else None)
         if writer:
             engine.load_weights(self._engine_weights_dir)
@@ -623,7 +641,7 @@ class AudioLMPolicy(nn.Module):
         """
         self.load()
         r = scoring.as_row_index(rows, len(rollout), rollout.completion_ids.device)
-        ctx = self.reference() if reference else contextlib.nullcontext(self._hf)
+        ctx = self.reference() if reference else contextlib.nullcontext(self.loaded_models.hf)
         grad = contextlib.nullcontext() if not reference else torch.no_grad()
         # Scoring without a gradient (old / reference log-probs) never uses dropout.
         mode = contextlib.nullcontext() if torch.is_grad_enabled() and not reference else _eval_mode(self.model)
@@ -651,10 +669,10 @@ class AudioLMPolicy(nn.Module):
         self.load()
         if self.lora is not None:
             with self.model.disable_adapter():
-                yield self._hf
+                yield self.loaded_models.hf
             return
-        ref = self._reference_model
-        param, ref_param = next(self._hf.parameters()), next(ref.parameters())
+        ref = self.loaded_models.reference
+        param, ref_param = next(self.loaded_models.hf.parameters()), next(ref.parameters())
         # A sharded reference already sits on the mesh's devices, in the compute dtype on purpose.
         if not self.is_sharded and (ref_param.device, ref_param.dtype) != (param.device, param.dtype):
             ref.to(device=param.device, dtype=param.dtype)  # unregistered, so .to() on the policy skips it
@@ -672,15 +690,15 @@ class AudioLMPolicy(nn.Module):
         if self.lora is not None:
             raise ValueError("with LoRA the reference is the base model (adapters off); it cannot be reset")
         if self.is_sharded:
-            ref = self._reference_model
-            ref_weights.copy_local_shards(self._hf, ref)
+            ref = self.loaded_models.reference
+            ref_weights.copy_local_shards(self.loaded_models.hf, ref)
             state = full_state_dict_cpu(ref)  # a collective: every rank gathers, rank 0 keeps it all
             if save_dir is not None:
                 ref.save_pretrained(save_dir, state_dict=state)
                 self.processor.save_pretrained(save_dir)
             return
-        ref = ref_weights.frozen_copy(self._hf)
-        object.__setattr__(self, "_reference_model", ref)
+        ref = ref_weights.frozen_copy(self.loaded_models.hf)
+        self._set_reference(ref)
         if save_dir is not None:
             ref.save_pretrained(save_dir)
             self.processor.save_pretrained(save_dir)
@@ -693,7 +711,7 @@ class AudioLMPolicy(nn.Module):
             raise ValueError("with LoRA the reference is the base model (adapters off)")
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"reference model folder {str(model_dir)!r} has no config.json")
-        object.__setattr__(self, "_reference_model", None)
+        self._set_reference(None)  # free the old one before the new one is read
         self._set_reference(self._load_frozen(model_dir))
 
     def fold_adapters_into_base(self) -> dict[str, Tensor]:
@@ -719,28 +737,28 @@ class AudioLMPolicy(nn.Module):
     def _load_frozen(self, model_dir: str | Path) -> nn.Module:
         """A frozen copy of the model in ``model_dir`` (the reference). Sharded policy: in the compute dtype,
         sharded like the policy, each rank reading only its own shards from the files (no whole copy)."""
-        dtype = self._compute_dtype if self.is_sharded and self._compute_dtype is not None else DTYPES[self.dtype_name]
+        dtype = self.loaded_models.compute_dtype if self.is_sharded and self.loaded_models.compute_dtype is not None else DTYPES[self.dtype_name]
         kwargs = {"dtype": dtype}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         model_class = import_class(self.model_class or self.family.model_class)
-        if self._mesh is None:
+        if self.loaded_models.mesh is None:
             return ref_weights.load_frozen(model_class, model_dir, **kwargs)
-        return ref_weights.load_frozen_sharded(model_class, model_dir, self.family, self._mesh, **kwargs)
+        return ref_weights.load_frozen_sharded(model_class, model_dir, self.family, self.loaded_models.mesh, **kwargs)
 
-    def _set_reference(self, ref: nn.Module) -> None:
-        """Make ``ref`` the reference (unregistered: out of state_dict and the optimizer), sharded like the
-        policy when the policy is."""
-        if self._mesh is not None:
-            ref_weights.shard_like_policy(ref, self.family, self._mesh)
-        object.__setattr__(self, "_reference_model", ref)
+    def _set_reference(self, ref: nn.Module | None) -> None:
+        """The one place the frozen reference is set (full fine-tuning; None drops it, to free its memory
+        before the next is built). Not registered: out of state_dict and the optimizer; sharded like the policy
+        when the policy is."""
+        if ref is not None and self.loaded_models.mesh is not None:
+            ref_weights.shard_like_policy(ref, self.family, self.loaded_models.mesh)
+        self.loaded_models.reference = ref
 
-    _compute_dtype: torch.dtype | None = None
 
     # ---------------------------------------------------------------------------------------- sharding
     @property
     def is_sharded(self) -> bool:
-        return self.loaded and is_sharded(self._hf)
+        return self.loaded and is_sharded(self.loaded_models.hf)
 
     def shard(self, mesh, mp_policy=None) -> None:
         """FSDP2: each transformer block, then every module called outside the root forward, then the root;
@@ -753,18 +771,18 @@ class AudioLMPolicy(nn.Module):
         """
         self.load(reference=False)
         # The family's list, not direct_call_modules(): that loads a model still on meta in full.
-        units = list(self.family.direct_call_modules(self._hf).values())
-        plan = self._pending_weights
+        units = list(self.family.direct_call_modules(self.loaded_models.hf).values())
+        plan = self.loaded_models.pending_weights
         if plan is None:
-            shard_model(self._hf, mesh, extra_units=units, mp_policy=mp_policy)
+            shard_model(self.loaded_models.hf, mesh, extra_units=units, mp_policy=mp_policy)
         else:
-            shard_model(self._hf, mesh, extra_units=units, mp_policy=mp_policy, init_root=False)
-            object.__setattr__(self, "_pending_weights", None)
-            loading.materialize(self._hf, plan, loading.mesh_device(mesh))
-        object.__setattr__(self, "_mesh", mesh)
-        object.__setattr__(self, "_compute_dtype", mp_policy.param_dtype if mp_policy is not None else None)
+            shard_model(self.loaded_models.hf, mesh, extra_units=units, mp_policy=mp_policy, init_root=False)
+            self.loaded_models.pending_weights = None
+            loading.materialize(self.loaded_models.hf, plan, loading.mesh_device(mesh))
+        self.loaded_models.mesh = mesh
+        self.loaded_models.compute_dtype = mp_policy.param_dtype if mp_policy is not None else None
         if self.lora is None:
-            object.__setattr__(self, "_reference_model", None)  # drop an unsharded one before the next load
+            self._set_reference(None)  # drop an unsharded one before the next load
             self._set_reference(self._load_frozen(self.model_dir))
 
     def direct_call_modules(self) -> dict[str, nn.Module]:
@@ -774,4 +792,4 @@ class AudioLMPolicy(nn.Module):
         or their parameters are never all-gathered: shard the decoder layers, then these, then the root.
         """
         self.load(reference=False)  # picks the family; no reference, and no weights read before a shard()
-        return self.family.direct_call_modules(self._hf)
+        return self.family.direct_call_modules(self.loaded_models.hf)

