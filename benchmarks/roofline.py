@@ -1,6 +1,6 @@
 """A roofline floor for one GRPO step: the FLOPs and bytes each phase must move, and the time that takes.
 
-Pure arithmetic (no torch). The model's shapes come from ``emorl_pl.memory_plan.ModelGeometry`` (read from
+Pure arithmetic (no tensors are built). The model's shapes come from ``emorl_pl.memory_plan.ModelGeometry`` (read from
 a ``config.json`` by ``emorl_pl.plan_cli.geometry_from_config``); the machine's rates are measured by the
 benchmark in the same run (``_common.measure_machine``). A phase cannot take less than
 
