@@ -6,11 +6,11 @@
 Each line times our operation and its baseline alternately (best of ``--reps``) and prints the ratio:
 
 - sampling one token per row of the (rows, V) decode logits: softmax + a float64 cumsum over V (the previous
-  ``sample_categorical``) vs ``grpo.exp_shifted_`` + the two-level ``sampling.sample_categorical``;
+  ``sample_categorical``) vs ``kernels.exp_shifted_`` + the two-level ``sampling.sample_categorical``;
 - the decode's (rows x D) @ (D x V) lm_head GEMM: ``F.linear`` vs oneDNN's prepacked linear
   (``FusedDecodeStep(pack_lm_head=True)``'s);
-- log-probs of a (chunk, V) logits block: ``torch.logsumexp`` vs ``grpo.exp_shifted_`` in place;
-- a chunk's logits GEMM into a fresh tensor vs into the reused buffer (``grpo._project_chunk``);
+- log-probs of a (chunk, V) logits block: ``torch.logsumexp`` vs ``kernels.exp_shifted_`` in place;
+- a chunk's logits GEMM into a fresh tensor vs into the reused buffer (``kernels._project_chunk``);
 - the policy's log-prob forward + backward with a frozen lm_head, (rows, T) tokens: the recompute-in-backward
   path (three lm_head GEMMs per chunk) vs the gradient formed in the forward (two).
 """
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_seconds, print_table  # noqa: E402
 
-from emorl_pl import grpo  # noqa: E402
+from emorl_pl import kernels  # noqa: E402
 from emorl_pl.modules.sampling import sample_categorical  # noqa: E402
 
 
@@ -40,14 +40,14 @@ def previous_sample(logits: torch.Tensor) -> torch.Tensor:
 
 def our_sample(logits: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     z = work.copy_(logits)  # the decode works on its own logits in place; the copy (counted) keeps reps equal
-    grpo.exp_shifted_(z)
+    kernels.exp_shifted_(z)
     return sample_categorical(z)
 
 
 def logprob_pass(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int,
                  grad_in_forward: bool) -> None:
     h = hidden.detach().requires_grad_()
-    out = grpo._LinearLogSoftmax.apply(h, weight, None, tokens, 1.0, chunk, grad_in_forward)
+    out = kernels._LinearLogSoftmax.apply(h, weight, None, tokens, 1.0, chunk, grad_in_forward)
     out.sum().backward()
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     weight = torch.randn(v, d) / d**0.5
     decode_h = torch.randn(n, d)
     logits = F.linear(decode_h, weight)
-    chunk_rows = max(1, grpo.LOGITS_CHUNK_TOKENS // t)
+    chunk_rows = max(1, kernels.LOGITS_CHUNK_TOKENS // t)
     block = torch.randn(chunk_rows * t, v)
     # In-place work goes to preallocated copies, so that neither side pays a fresh tensor's page faults
     work_logits, work_block = torch.empty_like(logits), torch.empty_like(block)
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             lambda: torch.ops.mkldnn._linear_pointwise(decode_h, packed, None, "none", [], ""),
             lambda: F.linear(decode_h, weight)),
         f"logsumexp of a chunk ({chunk_rows * t} x {v})": pair(
-            lambda: grpo.exp_shifted_(work_block.copy_(block)), lambda: torch.logsumexp(work_block.copy_(block), -1)),
+            lambda: kernels.exp_shifted_(work_block.copy_(block)), lambda: torch.logsumexp(work_block.copy_(block), -1)),
         f"chunk logits GEMM ({chunk_rows * t} x {d} x {v})": pair(
-            lambda: grpo._project_chunk(chunk_h, weight, None, buffer), lambda: F.linear(chunk_h, weight)),
+            lambda: kernels._project_chunk(chunk_h, weight, None, buffer), lambda: F.linear(chunk_h, weight)),
         f"log-prob fwd+bwd, frozen lm_head ({n} x {t} tokens)": pair(
             lambda: logprob_pass(hidden, weight, tokens, chunk_rows, True),
             lambda: logprob_pass(hidden, weight, tokens, chunk_rows, False)),

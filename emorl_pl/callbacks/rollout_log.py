@@ -1,8 +1,9 @@
 """Rollouts as records (one per completion) and ``RolloutJSONL``: every rollout to a JSON-lines file.
 
-The GRPO module keeps its last rollout as ``pl_module._last_rollout = (keys, golds, texts, scored[,
-advantages])``: ``keys`` one per utterance (or None), ``golds`` and ``texts`` one per completion (G per
-utterance, in order), ``scored`` the ``RewardOutput`` and ``advantages`` one float per completion.
+The GRPO module publishes the completions of each GRPO window as ``pl_module.last_rollout``, a
+``emorl_pl.rollout_record.RolloutRecord`` (keys per utterance; golds, texts, rewards and advantages per
+completion). A module may instead set the older private tuple ``_last_rollout = (keys, golds, texts,
+scored[, advantages])``; ``current_rollout`` reads either.
 """
 
 from __future__ import annotations
@@ -15,32 +16,48 @@ from typing import IO, Any
 
 import lightning as L
 
-
-def _float_list(values: Any) -> list[float]:
-    return [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+from emorl_pl.rollout_record import RolloutRecord
 
 
-def rollout_records(last: Sequence[Any], group_size: int, step: int) -> list[dict[str, Any]]:
+def as_record(rollout: RolloutRecord | Sequence[Any], group_size: int) -> RolloutRecord:
+    """A ``RolloutRecord`` as it is, or one from a ``(keys, golds, texts, scored[, advantages])`` tuple."""
+    if isinstance(rollout, RolloutRecord):
+        return rollout
+    keys, golds, texts, scored = rollout[:4]
+    advantages = rollout[4] if len(rollout) > 4 else None
+    if advantages is not None:
+        advantages = [float(v) for v in (advantages.tolist() if hasattr(advantages, "tolist") else advantages)]
+    return RolloutRecord.of_batches([(keys, golds, texts, scored, advantages)], group_size)
+
+
+def current_rollout(pl_module: L.LightningModule) -> Any:
+    """The module's latest rollout: its ``last_rollout`` (a ``RolloutRecord``), else the older private tuple
+    ``_last_rollout``; None before the first. Callbacks compare it by identity to log each rollout once."""
+    last = getattr(pl_module, "last_rollout", None)
+    return last if last is not None else getattr(pl_module, "_last_rollout", None)
+
+
+def record_of(last: RolloutRecord | Sequence[Any], pl_module: L.LightningModule) -> RolloutRecord:
+    """``current_rollout``'s value as a record (a tuple takes the module's ``hparams.group_size``)."""
+    return last if isinstance(last, RolloutRecord) else as_record(last, pl_module.hparams.group_size)
+
+
+def rollout_records(last: RolloutRecord | Sequence[Any], group_size: int, step: int) -> list[dict[str, Any]]:
     """One dict per completion: step, key, gold, sample (index in its group), total, rewards (name ->
     value or None), advantage (None when the rollout has none) and text."""
-    keys, golds, texts, scored = last[:4]
-    advantages = _float_list(last[4]) if len(last) > 4 and last[4] is not None else None
-    if len(golds) != len(texts) or len(texts) % group_size:
-        raise ValueError(f"rollout has {len(texts)} completions and {len(golds)} gold labels; expected "
-                         f"equal counts, a multiple of the group size {group_size}")
-    if advantages is not None and len(advantages) != len(texts):
-        raise ValueError(f"rollout has {len(advantages)} advantages for {len(texts)} completions")
+    record = as_record(last, group_size)
+    G = record.group_size
     records = []
-    for i, text in enumerate(texts):
-        b, g = divmod(i, group_size)
+    for i, text in enumerate(record.texts):
+        b, g = divmod(i, G)
         records.append({
             "step": int(step),
-            "key": keys[b] if keys else None,
-            "gold": golds[i],
+            "key": record.keys[b] if record.keys else None,
+            "gold": record.golds[i],
             "sample": g,
-            "total": float(scored.total[i]),
-            "rewards": {name: values[i] for name, values in scored.per_reward.items()},
-            "advantage": None if advantages is None else advantages[i],
+            "total": float(record.scored.total[i]),
+            "rewards": {name: values[i] for name, values in record.scored.per_reward.items()},
+            "advantage": None if record.advantages is None else record.advantages[i],
             "text": text,
         })
     return records
@@ -75,7 +92,8 @@ def is_due(step: int, every_n_steps: int) -> bool:
 
 class RolloutJSONL(L.Callback):
     """Write every completion of the rollouts of every ``every_n_steps``-th training step as a JSON line:
-    ``step, rank, key, gold, sample, completion, rewards {name: value}, total, advantage``.
+    ``step, rank, key, gold, sample, completion, rewards {name: value}, total, advantage``. A GRPO module's
+    rollout is a whole window (every batch of an accumulation window), recorded at its optimizer step.
 
     Each rank writes the rollouts it sampled: rank 0 to ``path``, rank r > 0 to ``<stem>.rank<r><suffix>``
     (so the files together hold every completion). ``path`` defaults to ``<log_dir>/rollouts.jsonl``. An
@@ -114,13 +132,14 @@ class RolloutJSONL(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        last = getattr(pl_module, "_last_rollout", None)
+        last = current_rollout(pl_module)
         if self._file is None or last is None or last is self._logged:
             return
         if not is_due(trainer.global_step, self.every_n_steps):
             return
         self._logged = last
-        records = rollout_records(last, pl_module.hparams.group_size, trainer.global_step)
+        record = record_of(last, pl_module)
+        records = rollout_records(record, record.group_size, trainer.global_step)
         self._file.write("".join(jsonl_line(r, trainer.global_rank) + "\n" for r in records))
         self._file.flush()  # a crashed run keeps what it sampled
 

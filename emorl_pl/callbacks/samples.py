@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from emorl_pl.callbacks.rollout_log import is_due, rollout_records
+from emorl_pl.callbacks.rollout_log import current_rollout, is_due, record_of, rollout_records
 
 
 def logger_kind(logger: Logger) -> str:
@@ -116,15 +116,15 @@ class CompletionSamples(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        last = getattr(pl_module, "_last_rollout", None)
+        last = current_rollout(pl_module)
         if last is None or last is self._logged or not trainer.is_global_zero:
             return
         if not is_due(trainer.global_step, self.every_n_steps):
             return
         self._logged = last
-        group_size = pl_module.hparams.group_size
-        records = rollout_records(last, group_size, trainer.global_step)[: self.max_prompts * group_size]
-        self.log_records(trainer, records, list(last[3].per_reward))
+        record = record_of(last, pl_module)
+        records = rollout_records(record, record.group_size, trainer.global_step)[: self.max_prompts * record.group_size]
+        self.log_records(trainer, records, record.reward_names)
 
     def log_records(self, trainer: L.Trainer, records: Sequence[dict[str, Any]], reward_names: Sequence[str]) -> None:
         step = trainer.global_step

@@ -6,7 +6,9 @@ only orders the calls, handles micro-batching / accumulation, and logs.
 
 GRPO runs in windows of ``accumulate_grad_batches`` (k) batches, as TRL's generation batch:
   1. each batch: prompts (chat template + audio) -> audio encoded once -> G samples per utterance ->
-     rewards (weighted ESWR + format, ...) -> group-relative advantages; kept until the window is full
+     rewards (weighted ESWR + format, ...) -> group-relative advantages; kept until the window is full.
+     ``scale_rewards: batch`` divides by the std of every reward of the window on every rank (TRL's
+     generation batch), so those advantages wait for the window's last batch
   2. at the window's last batch: reference and old (sampling-policy) log-probs, no grad; for rollouts an
      inference engine sampled (``Rollout.sampling_logps``), TRL's importance-sampling weights of the
      trainer's old log-probs against the engine's (``emorl_pl.grpo.importance_sampling_correction``)
@@ -15,6 +17,8 @@ GRPO runs in windows of ``accumulate_grad_batches`` (k) batches, as TRL's genera
      schedule. So one generation feeds mu optimizer steps (TRL's semantics): from the second on, the
      ratio to the sampling policy departs from 1 and clipping acts. A training batch is one dataloader
      batch; ``global_step`` counts optimizer steps (mu per GRPO window), capped at ``max_steps``.
+  4. the window's completions, rewards and advantages become ``last_rollout`` (a ``RolloutRecord``) for
+     the logging callbacks.
 An optional supervised warm-up (``sft_steps`` optimizer steps) first teaches the response format.
 
 Every rank issues the same collectives whatever its data: dynamic sampling gives the groups it drops
@@ -25,9 +29,9 @@ largest count over ranks, so DDP's per-backward all-reduce and FSDP2's per-forwa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ from emorl_pl.modules.policy import AudioLMPolicy, Rollout
 from emorl_pl.prompts import PromptTemplate
 from emorl_pl.reasoning import check_mode, parse_response
 from emorl_pl.rewards import RewardOutput, RewardSet
+from emorl_pl.rollout_record import RolloutRecord
 from emorl_pl.run_identity import RUN_IDENTITY_KEY, normalise_identity
 from emorl_pl.sampled_eval import majority_vote, pass_at_k
 from emorl_pl.schedules import lr_lambda, rl_progress, total_optimizer_steps
@@ -73,13 +78,19 @@ class GRPOModule(L.LightningModule):
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (see ``emorl_pl.grpo.grpo_loss``).
         importance_sampling_level: ``token`` (GRPO) or ``sequence`` (GSPO: one length-normalised ratio
             per completion).
-        scale_rewards: ``group``, ``batch`` or ``none`` advantage scaling.
+        scale_rewards: ``group``, ``batch`` or ``none`` advantage scaling; ``batch``: by the reward std over
+            the whole window on all ranks (TRL's generation batch; dynamically dropped groups count in it).
         num_iterations: optimizer steps per generation window (mu, TRL's ``num_iterations``); each
             re-scores the same completions under the updated weights against the sampling policy's.
         dynamic_sampling: drop groups whose rewards are all equal (DAPO); they carry no signal. Dropped
             rows get zero weight (and count in no loss normaliser) rather than being skipped, so ranks
             stay in step; unlike DAPO, the batch is not refilled with new rollouts.
         micro_batch_size: sequences per forward/backward, to bound memory; never changes the result.
+        micro_batch_tokens: instead of ``micro_batch_size`` rows, GRPO passes of at most this many tokens
+            (verl's ``use_dynamic_bsz``): rows of like length packed together, longest first, each pass cut
+            to its own rows' longest prompt + completion and counted as rows x that length
+            (``emorl_pl.grpo.token_budget_micro_batches``). The same gradient to float rounding. None: off.
+            It must hold one row: the longest prompt + ``max_new_tokens``.
         accumulate_grad_batches: batches per window (TRL's generation batch = k x per-device batch):
             the loss is normalised over the window as TRL does (``emorl_pl.grpo.loss_normalizer``).
         prompt: the prompt's words (``emorl_pl.prompts.PromptTemplate``: instruction per mode with
@@ -123,6 +134,7 @@ class GRPOModule(L.LightningModule):
         mask_truncated: bool = False,
         dynamic_sampling: bool = False,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
         optimizer: OptimizerCallable = _adamw,
@@ -149,6 +161,9 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
         if beta < 0 or num_iterations < 1 or micro_batch_size < 1 or accumulate_grad_batches < 1:
             raise ValueError("beta >= 0, num_iterations >= 1, micro_batch_size >= 1, accumulate_grad_batches >= 1")
+        if micro_batch_tokens is not None and (isinstance(micro_batch_tokens, bool)
+                                               or not isinstance(micro_batch_tokens, int) or micro_batch_tokens < 1):
+            raise ValueError(f"model.init_args.micro_batch_tokens must be None or an int >= 1, got {micro_batch_tokens!r}")
         if eval_samples < 0 or (eval_samples and not eval_temperature > 0):
             raise ValueError(f"eval_samples must be >= 0 and eval_temperature > 0, got {eval_samples}, {eval_temperature}")
         _check_positive_settings(max_new_tokens=max_new_tokens, eval_max_new_tokens=eval_max_new_tokens,
@@ -181,6 +196,8 @@ class GRPOModule(L.LightningModule):
         self._rl_started = False
         self._total_steps: int | None = None  # the run's optimizer steps, set by configure_optimizers
         self._reference_dir: str | None = None
+        # The completions of the last GRPO window, for logging callbacks; None before the first window closes.
+        self.last_rollout: RolloutRecord | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -335,8 +352,10 @@ class GRPOModule(L.LightningModule):
         if self._window_full():
             window, self._window, self._accum = self._window, [], 0
             loss, stats, grad_norm = self._update(window)
+            self.last_rollout = RolloutRecord.of_batches(
+                [(g.keys, g.labels, g.rollout.texts, g.scored, g.advantages.tolist()) for g in window],
+                self.hparams.group_size)
         self._log_step(gen, loss, stats, grad_norm)
-        self._last_rollout = (batch.get("keys"), gen.labels, gen.rollout.texts, gen.scored, gen.advantages.tolist())
         return loss
 
     def _generate(self, batch: Mapping[str, Any]) -> _Generation:
@@ -360,13 +379,18 @@ class GRPOModule(L.LightningModule):
         zero_std = grpo.zero_std_groups(rewards, G)
         keep = (~zero_std).repeat_interleave(G) if hp.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
         mask = rollout.completion_mask.to(self.device).float() * keep.unsqueeze(1)
-        return _Generation(rollout, self._advantages(rewards, G), mask, keep, rewards, zero_std, scored, labels, progress)
+        # Batch scaling needs the whole window's rewards: its advantages are set at the window's end.
+        advantages = None if hp.scale_rewards == "batch" else grpo.group_advantages(rewards, G, scale=hp.scale_rewards)
+        keys = batch.get("keys")
+        return _Generation(rollout, advantages, mask, keep, rewards, zero_std, scored, labels, progress,
+                           keys=list(keys) if keys is not None else None)
 
     def _update(self, window: list[_Generation]) -> tuple[torch.Tensor, dict[str, float], float]:
         """``num_iterations`` optimizer steps over the window's generations (see the module docstring)."""
         hp = self.hparams
         world = self.trainer.world_size
-        plans = [self._micro_batches(gen.keep) for gen in window]
+        self._window_advantages(window)
+        plans = [self._micro_batches(gen) for gen in window]
         local_tokens = float(sum(g.mask.sum() for g in window))
         totals = torch.tensor([float(sum(g.mask.sum() for g in window)), float(sum(g.keep.sum() for g in window))],
                               dtype=torch.float64, device=self.device)
@@ -403,17 +427,17 @@ class GRPOModule(L.LightningModule):
             for i, (gen, norm, rows) in enumerate(passes):
                 pad = rows is None  # a zero-weight pass that only keeps this rank in step
                 rows = torch.zeros(1, dtype=torch.long, device=self.device) if pad else rows
-                logps = self.policy.completion_logps(gen.rollout, rows, temperature=hp.temperature)
+                logps, w = self._pass_logps(gen.rollout, rows)  # w: the completion columns the pass kept
                 loss, stats = grpo.grpo_loss(
                     logps,
-                    None if gen.old is None else gen.old[rows],
-                    None if gen.ref is None else gen.ref[rows],
+                    None if gen.old is None else gen.old[rows, :w],
+                    None if gen.ref is None else gen.ref[rows, :w],
                     gen.advantages[rows],
-                    gen.mask[rows] * (0.0 if pad else 1.0),
+                    gen.mask[rows, :w] * (0.0 if pad else 1.0),
                     beta=hp.beta, epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high,
                     loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens,
                     importance_sampling_level=hp.importance_sampling_level,
-                    importance_sampling_ratio=None if gen.is_ratio is None else gen.is_ratio[rows], **norm,
+                    importance_sampling_ratio=None if gen.is_ratio is None else gen.is_ratio[rows, :w], **norm,
                 )
                 # Gradients are reduced across ranks once per optimizer step: at its last backward.
                 with self._backward_sync(i == len(passes) - 1):
@@ -465,9 +489,26 @@ class GRPOModule(L.LightningModule):
             return contextlib.nullcontext()
         return strategy.block_backward_sync()
 
-    def _micro_batches(self, keep: torch.Tensor) -> list[torch.Tensor | None]:
-        rows = torch.nonzero(keep).flatten()
-        return list(rows.split(self.hparams.micro_batch_size)) if rows.numel() else []
+    def _micro_batches(self, gen: _Generation) -> list[torch.Tensor | None]:
+        """The kept rows of a batch in passes: ``micro_batch_size`` rows each, or by ``micro_batch_tokens``."""
+        rows = torch.nonzero(gen.keep).flatten()
+        budget = self.hparams.micro_batch_tokens
+        if budget is None:
+            return list(rows.split(self.hparams.micro_batch_size)) if rows.numel() else []
+        rollout = gen.rollout
+        prompt = _prompt_spans(rollout.prompt.attention_mask).repeat_interleave(rollout.group_size)
+        return grpo.token_budget_micro_batches(prompt, grpo.completion_extents(rollout.completion_mask), rows, budget)
+
+    def _pass_logps(self, rollout: Rollout, rows: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, int]:
+        """Log-probs of ``rows`` for one pass and the completion columns they cover: all T with fixed micro-
+        batches; with ``micro_batch_tokens`` the rollout is cut to the columns these rows use (the prompt's
+        leading padding none of them has, completion columns past their last masked token), so that a pass
+        of short rows runs short. Causal attention and masked padding: the kept columns' values are the same."""
+        view = rollout if self.hparams.micro_batch_tokens is None else _trimmed(rollout, rows)
+        logps = self.policy.completion_logps(view, rows, temperature=self.hparams.temperature, reference=reference)
+        if view is not rollout and rollout.prompt.ref_audio_hidden is None:  # a cached reference tower output
+            rollout.prompt.ref_audio_hidden = view.prompt.ref_audio_hidden
+        return logps, view.completion_ids.shape[1]
 
     def _sampling_seed(self) -> int:
         seed = (self.hparams.sampling_seed, self.global_step, self._accum, self.global_rank)
@@ -477,14 +518,15 @@ class GRPOModule(L.LightningModule):
         """The seed of a training step's RNGs: the sampling seed's inputs, another stream (an LCG step)."""
         return (self._sampling_seed() * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**62)
 
-    def _advantages(self, rewards: torch.Tensor, G: int) -> torch.Tensor:
-        scale = self.hparams.scale_rewards
-        if scale == "batch" and self.trainer.world_size > 1:
-            # Batch scaling must see every rank's rewards so that the std is the global one.
-            gathered = self.all_gather(rewards).reshape(-1)
-            adv_all = grpo.group_advantages(gathered, G, scale="batch")
-            return adv_all.reshape(self.trainer.world_size, -1)[self.global_rank]
-        return grpo.group_advantages(rewards, G, scale=scale)
+    def _window_advantages(self, window: list[_Generation]) -> None:
+        """``scale_rewards: batch``: each batch's advantages over the reward std of the whole window on every
+        rank, TRL's generation batch (``grpo.batch_reward_std``); the other scalings were set per batch."""
+        if self.hparams.scale_rewards != "batch":
+            return
+        reduce = torch.distributed.all_reduce if self.trainer.world_size > 1 else None
+        std = grpo.batch_reward_std(torch.cat([g.rewards for g in window]), all_reduce=reduce)
+        for g in window:
+            g.advantages = grpo.group_advantages(g.rewards, self.hparams.group_size, scale="batch", batch_std=std)
 
     def _logps_no_grad(self, rollout: Rollout, plan: list[torch.Tensor | None], reference: bool) -> torch.Tensor:
         """(N, T) log-probs of the planned rows (zeros elsewhere); ``None`` entries are zero-weight passes
@@ -492,9 +534,9 @@ class GRPOModule(L.LightningModule):
         out = torch.zeros(rollout.completion_ids.shape, device=self.device)
         for rows in plan:
             sel = torch.zeros(1, dtype=torch.long, device=self.device) if rows is None else rows
-            logps = self.policy.completion_logps(rollout, sel, temperature=self.hparams.temperature, reference=reference)
+            logps, w = self._pass_logps(rollout, sel, reference=reference)
             if rows is not None:
-                out[rows] = logps
+                out[rows, :w] = logps
         return out
 
     def _synced_gpus(self) -> bool:
@@ -722,6 +764,28 @@ def reward_columns(batch: Mapping[str, Any], group_size: int) -> dict[str, list[
     return columns
 
 
+def _prompt_spans(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, P) left-padded prompt mask -> (B,) columns from each prompt's first token to the end."""
+    m = attention_mask.bool()
+    first = torch.where(m.any(1), m.int().argmax(1), torch.full_like(m[:, 0], m.shape[1], dtype=torch.long))
+    return m.shape[1] - first
+
+
+def _trimmed(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """``rollout`` as ``rows`` see it, without the columns none of them uses: leading prompt columns that are
+    padding for all their utterances, and completion columns past their last masked token (at least one).
+    Views, not copies; other rows of the result are cut too and must not be scored from it."""
+    pe = rollout.prompt
+    utts = torch.div(rows, rollout.group_size, rounding_mode="floor")
+    start = pe.attention_mask.shape[1] - int(_prompt_spans(pe.attention_mask[utts]).max())
+    width = max(1, int(grpo.completion_extents(rollout.completion_mask[rows]).max()))
+    prompt = dataclasses.replace(pe, input_ids=pe.input_ids[:, start:], attention_mask=pe.attention_mask[:, start:],
+                                 inputs_embeds=pe.inputs_embeds[:, start:])
+    sampling = None if rollout.sampling_logps is None else rollout.sampling_logps[:, :width]
+    return dataclasses.replace(rollout, prompt=prompt, completion_ids=rollout.completion_ids[:, :width],
+                               completion_mask=rollout.completion_mask[:, :width], sampling_logps=sampling)
+
+
 def _stats_dict(stats: Any) -> dict[str, float]:
     items = stats.items() if isinstance(stats, Mapping) else vars(stats).items()
     names = {
@@ -734,17 +798,18 @@ def _stats_dict(stats: Any) -> dict[str, float]:
     return {names.get(k, k): float(v) for k, v in items if k in names}
 
 
-@dataclass
+@dataclasses.dataclass
 class _Generation:
     """One batch's rollout and scores, kept until its window's updates (``GRPOModule._update``).
 
-    ``mask``: the completion mask with dynamically dropped rows zeroed; ``ref`` / ``old``: (N, T)
-    reference and sampling-policy log-probs, filled at the window's end; ``is_ratio``: the importance-
-    sampling weights of an engine's rollout ((N, T) or (N, 1)), also filled then.
+    ``advantages``: None until the window's end under ``scale_rewards: batch``; ``mask``: the completion
+    mask with dynamically dropped rows zeroed; ``ref`` / ``old``: (N, T) reference and sampling-policy
+    log-probs, filled at the window's end; ``is_ratio``: the importance-sampling weights of an engine's
+    rollout ((N, T) or (N, 1)), also filled then; ``keys``: the batch's utterance keys (None: none).
     """
 
     rollout: Rollout
-    advantages: torch.Tensor
+    advantages: torch.Tensor | None
     mask: torch.Tensor
     keep: torch.Tensor
     rewards: torch.Tensor
@@ -755,3 +820,4 @@ class _Generation:
     ref: torch.Tensor | None = None
     old: torch.Tensor | None = None
     is_ratio: torch.Tensor | None = None
+    keys: list[str] | None = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from emorl_pl.grpo import exp_shifted_
+from emorl_pl.kernels import exp_shifted_
 from emorl_pl.modules.families import AudioLMFamily
 from emorl_pl.modules.fused_decode import FusedDecodeStep
 from emorl_pl.modules.fused_decode import unsupported as unsupported_for_fusion
