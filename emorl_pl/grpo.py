@@ -19,16 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# The per-token log-prob kernels (chunked lm_head log-softmax, hand-written autograd) live in emorl_pl.kernels;
-# re-exported because the policy and existing callers import them from here. tests/test_grpo.py patches
-# _EXP_BLOCK_BYTES under this name: that patch must target emorl_pl.kernels to reach exp_shifted_.
-from emorl_pl.kernels import (  # noqa: F401
-    _EXP_BLOCK_BYTES,
-    LOGITS_CHUNK_TOKENS,
-    exp_shifted_,
-    linear_token_logprobs,
-    token_logprobs,
-)
+# The per-token log-prob kernels (chunked lm_head log-softmax, hand-written autograd): emorl_pl.kernels.
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

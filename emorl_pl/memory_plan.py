@@ -689,7 +689,7 @@ def _engine_sync(g: ModelGeometry, s: PlanSettings) -> list[Piece]:
 def _logits_pieces(g: ModelGeometry, s: PlanSettings, rows: int, grad: bool) -> tuple[Piece, ...]:
     """``completion_logps``'s output projection.
 
-    A plain ``lm_head`` (not FSDP2-sharded) goes through ``grpo.linear_token_logprobs``: c = max(1, C // T)
+    A plain ``lm_head`` (not FSDP2-sharded) goes through ``kernels.linear_token_logprobs``: c = max(1, C // T)
     (C = ``kernels.LOGITS_CHUNK_TOKENS``)
     rows' (c, T, V) logits at a time, exponentiated in place: z in b_l + its fp32 copy (none when b_l is 4).
     With a gradient and a frozen lm_head (LoRA) the forward also casts the chunk's softmax to b_l for the

@@ -14,9 +14,9 @@ from emorl_pl.grpo import (
     grpo_loss,
     is_truncated,
     kl_k3,
-    token_logprobs,
     zero_std_groups,
 )
+from emorl_pl.kernels import token_logprobs
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 
@@ -409,11 +409,11 @@ def test_loss_argument_errors():
 
 @pytest.mark.parametrize("rows_per_block", [None, 2])
 def test_exp_shifted_in_place_gives_logsumexp_and_softmax(rows_per_block, monkeypatch):
-    from emorl_pl import grpo
-    from emorl_pl.grpo import exp_shifted_
+    from emorl_pl import kernels
+    from emorl_pl.kernels import exp_shifted_
 
     if rows_per_block:  # 15 rows: blocks of 2 and a last one (the default takes them in one block here)
-        monkeypatch.setattr(grpo, "_EXP_BLOCK_BYTES", rows_per_block * 1001 * 8)
+        monkeypatch.setattr(kernels, "_EXP_BLOCK_BYTES", rows_per_block * 1001 * 8)
     g = torch.Generator().manual_seed(3)
     z = 30 * torch.randn(3, 5, 1001, generator=g, dtype=torch.float64)
     z[0, 1, ::3] = -float("inf")  # removed tokens (top-k, suppressed) weigh 0
@@ -429,7 +429,7 @@ def test_exp_shifted_in_place_gives_logsumexp_and_softmax(rows_per_block, monkey
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_token_logprobs_equal_the_full_logits_path(temperature, bias):
-    from emorl_pl.grpo import linear_token_logprobs
+    from emorl_pl.kernels import linear_token_logprobs
 
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -453,7 +453,7 @@ def test_linear_token_logprobs_equal_the_full_logits_path(temperature, bias):
 def test_linear_token_logprobs_frozen_head_gradient_formed_in_forward(temperature, bias):
     """A frozen lm_head (LoRA): d logp / dh = (W_y - softmax(z / tau) W) / tau is formed in the forward pass;
     value and gradient equal autograd through the full logits, and it survives a very unlikely token."""
-    from emorl_pl.grpo import linear_token_logprobs
+    from emorl_pl.kernels import linear_token_logprobs
 
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)

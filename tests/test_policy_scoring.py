@@ -58,7 +58,7 @@ def test_completion_logps_never_build_the_full_logits_and_match_them(real_model_
     """Full fine-tuning (lm_head trained): the chunked lm_head path gives the log-probs and gradients of
     log_softmax(lm_head(h)), the full (n, T, V) logits path, which the test substitutes as the oracle."""
     import emorl_pl.modules.policy as policy_module
-    from emorl_pl.grpo import token_logprobs
+    from emorl_pl.kernels import token_logprobs
 
     policy = AudioLMPolicy(real_model_dir, lora=None, dropout=False).load()
     rollout = _rollout(policy)

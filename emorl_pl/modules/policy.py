@@ -23,13 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from emorl_pl.grpo import (
-    LOGITS_CHUNK_TOKENS,
-    completion_mask,
-    is_truncated,
-    linear_token_logprobs,
-    token_logprobs,
-)
+from emorl_pl.grpo import completion_mask, is_truncated
+from emorl_pl.kernels import LOGITS_CHUNK_TOKENS, linear_token_logprobs, token_logprobs
 from emorl_pl.modules import loading, sampling, scoring
 from emorl_pl.modules import reference as ref_weights
 from emorl_pl.modules.families import AudioLMFamily, family_for, import_class
