@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from emorl_pl.callbacks.confusion import ConfusionMatrixImages, confusion_figure, square_confusion
-from emorl_pl.callbacks.rollout_log import RolloutJSONL, rank_path, rollout_records
+from emorl_pl.callbacks.rollout_log import RolloutJSONL, as_record, rank_path, rollout_records
 from emorl_pl.callbacks.samples import CompletionSamples, csv_target, logger_kind, render_samples
 from emorl_pl.metrics import SERMetrics
 from emorl_pl.rewards import RewardOutput
@@ -76,7 +76,7 @@ def make_rollout(b: int, with_advantages: bool = True) -> tuple:
 
 
 class RolloutModule(L.LightningModule):
-    """Sets ``_last_rollout`` like GRPOModule, at the batches in ``rollout_batches`` (others keep the
+    """Sets ``last_rollout`` (a ``RolloutRecord``) like GRPOModule, at the batches in ``rollout_batches`` (others keep the
     previous one, as cold-start steps do), one optimizer step per batch."""
 
     def __init__(self, rollout_batches: tuple[int, ...] = (0, 2, 3), with_advantages: bool = True) -> None:
@@ -88,8 +88,8 @@ class RolloutModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if batch_idx in self.hparams.rollout_batches:
-            self._last_rollout = make_rollout(batch_idx, self.hparams.with_advantages)
-            self.rollouts[batch_idx] = self._last_rollout
+            self.rollouts[batch_idx] = make_rollout(batch_idx, self.hparams.with_advantages)
+            self.last_rollout = as_record(self.rollouts[batch_idx], G)
         return (self.w * batch).sum()
 
     def configure_optimizers(self):

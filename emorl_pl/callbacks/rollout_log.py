@@ -2,8 +2,7 @@
 
 The GRPO module publishes the completions of each GRPO window as ``pl_module.last_rollout``, a
 ``emorl_pl.rollout_record.RolloutRecord`` (keys per utterance; golds, texts, rewards and advantages per
-completion). A module may instead set the older private tuple ``_last_rollout = (keys, golds, texts,
-scored[, advantages])``; ``current_rollout`` reads either.
+completion); ``as_record`` makes one from a ``(keys, golds, texts, scored[, advantages])`` tuple.
 """
 
 from __future__ import annotations
@@ -31,10 +30,9 @@ def as_record(rollout: RolloutRecord | Sequence[Any], group_size: int) -> Rollou
 
 
 def current_rollout(pl_module: L.LightningModule) -> Any:
-    """The module's latest rollout: its ``last_rollout`` (a ``RolloutRecord``), else the older private tuple
-    ``_last_rollout``; None before the first. Callbacks compare it by identity to log each rollout once."""
-    last = getattr(pl_module, "last_rollout", None)
-    return last if last is not None else getattr(pl_module, "_last_rollout", None)
+    """The module's latest rollout, its ``last_rollout`` (a ``RolloutRecord``); None before the first.
+    Callbacks compare it by identity to log each rollout once."""
+    return getattr(pl_module, "last_rollout", None)
 
 
 def record_of(last: RolloutRecord | Sequence[Any], pl_module: L.LightningModule) -> RolloutRecord:
