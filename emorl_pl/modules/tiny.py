@@ -23,6 +23,7 @@ import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -251,6 +252,18 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
     return True
 
 
+
+def save_random_model(model_class: type, config: Any, out_dir: Path, seed: int, **generation: Any) -> None:
+    """A ``model_class(config)`` with random weights drawn after ``torch.manual_seed(seed)``, saved to ``out_dir``
+    in the hub key layout with a generation config of ``generation`` (the test models' common last step)."""
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config = GenerationConfig(**generation)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_in_hub_layout(model, out_dir)
+
 def _save_qwen2_audio(
     out_dir: Path,
     tokenizer,
@@ -279,7 +292,6 @@ def _save_qwen2_audio(
     then expands to ``((L - 1) // 2 + 1 - 2) // 2 + 1`` tokens for L valid mel frames.
     """
     from transformers import (
-        GenerationConfig,
         Qwen2AudioConfig,
         Qwen2AudioForConditionalGeneration,
         Qwen2AudioProcessor,
@@ -328,15 +340,9 @@ def _save_qwen2_audio(
         },
         audio_token_index=ids["<|AUDIO|>"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_in_hub_layout(model, out_dir)
+    save_random_model(Qwen2AudioForConditionalGeneration, config, out_dir, seed,
+                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
+                      bos_token_id=ids["<|endoftext|>"])
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -529,7 +535,6 @@ def build_real_shape_qwen2_5_omni(
     ``out_dir`` is returned unchanged unless ``overwrite``.
     """
     from transformers import (
-        GenerationConfig,
         Qwen2_5OmniThinkerConfig,
         Qwen2_5OmniThinkerForConditionalGeneration,
     )
@@ -566,12 +571,9 @@ def build_real_shape_qwen2_5_omni(
         position_id_per_seconds=25, seconds_per_chunk=2, user_token_id=872,
         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                                               pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_in_hub_layout(model, out_dir)
+    save_random_model(Qwen2_5OmniThinkerForConditionalGeneration, config, out_dir, seed,
+                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
+                      bos_token_id=ids["<|im_start|>"])
     # Qwen2.5-Omni-7B's image processor settings (Qwen2-VL's: 14-pixel patches, 2x2 merge)
     image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
                        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
@@ -650,7 +652,6 @@ def build_real_shape_qwen3_omni(
     returned unchanged unless ``overwrite``.
     """
     from transformers import (
-        GenerationConfig,
         Qwen3OmniMoeThinkerConfig,
         Qwen3OmniMoeThinkerForConditionalGeneration,
     )
@@ -695,12 +696,8 @@ def build_real_shape_qwen3_omni(
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         position_id_per_seconds=13, seconds_per_chunk=2, user_token_id=872, tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                                               pad_token_id=ids["<|endoftext|>"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_in_hub_layout(model, out_dir)
+    save_random_model(Qwen3OmniMoeThinkerForConditionalGeneration, config, out_dir, seed,
+                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"])
     # Qwen3-Omni's image processor settings (Qwen3-VL's: 16-pixel patches, 2x2 merge, mean/std 0.5)
     image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
                        "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],

@@ -39,15 +39,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from emorl_pl.modules.hub_layout import save_in_hub_layout
 from emorl_pl.modules.tiny import (
     MEL_FRAMES_PER_SECOND,
     QWEN2_PRETOKENIZE_REGEX,
     _builtin_corpus,
     _prepare_out_dir,
     real_qwen2_tokenizer,
+    save_random_model,
 )
 
 # Qwen2.5's added tokens, in id order from the end of the Qwen2 BPE (151643).
@@ -130,7 +128,6 @@ def _save_audioflamingo3(
         AudioFlamingo3Config,
         AudioFlamingo3ForConditionalGeneration,
         AudioFlamingo3Processor,
-        GenerationConfig,
         WhisperFeatureExtractor,
     )
 
@@ -161,12 +158,9 @@ def _save_audioflamingo3(
         },
         audio_token_id=ids[AF3_AUDIO_TOKEN],
     )
-    torch.manual_seed(seed)
-    model = AudioFlamingo3ForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
-                                               eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_in_hub_layout(model, out_dir)
+    save_random_model(AudioFlamingo3ForConditionalGeneration, config, out_dir, seed,
+                      bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
     processor.save_pretrained(out_dir)
     return out_dir
 
