@@ -575,8 +575,8 @@ class AudioLMPolicy(nn.Module):
 
             self._engine_key_map = hub_key_map(meta_model(self.model_dir))
         # Under FSDP2 every rank takes part in each weight's all-gather (in the compute dtype); rank 0 writes.
-        write_hub_shards(iter_merged_weights(self.loaded_models.hf, self.loaded_models.compute_dtype), self._engine_key_map,
-                         self._engine_weights_dir if writer else None)
+        write_hub_shards(iter_merged_weights(self.loaded_models.hf, self.loaded_models.compute_dtype, to_cpu=writer),
+                         self._engine_key_map, self._engine_weights_dir if writer else None)
         if writer:
             engine.load_weights(self._engine_weights_dir)
         if ranks > 1:

@@ -28,8 +28,10 @@ def _full(value: Tensor, dtype: torch.dtype | None) -> Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def iter_merged_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
-    """``(name, tensor)`` under the plain model's names, each on the CPU, each LoRA layer's update
+def iter_merged_weights(model: nn.Module, dtype: torch.dtype | None = None,
+                        to_cpu: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` under the plain model's names, each on the CPU (``to_cpu``; False leaves it where it was
+    gathered: a rank that only takes part in the gathers need not copy them), each LoRA layer's update
     ``scaling * B @ A`` added to its base weight out of place (the model is not touched, so training goes on
     bit-for-bit). ``dtype``: the dtype to gather and yield floating weights in (None: as stored)."""
     from peft.tuners.lora import LoraLayer
@@ -56,7 +58,7 @@ def iter_merged_weights(model: nn.Module, dtype: torch.dtype | None = None) -> I
                     delta = transpose(b @ a, layer.fan_in_fan_out).mul_(layer.scaling[adapter])
                     merged = delta if merged is None else merged.add_(delta)
                 full = (base if merged is None else merged.add_(base)).to(dtype or base.dtype)
-            yield name.replace(".base_layer.", "."), full.to("cpu")
+            yield name.replace(".base_layer.", "."), full.to("cpu") if to_cpu else full
 
 
 def write_hub_shards(weights: Iterable[tuple[str, Tensor]], key_map: dict[str, str], folder: str | Path | None,
