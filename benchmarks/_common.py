@@ -43,16 +43,21 @@ REALISTIC_SIZES = {"hidden_size": 512, "num_layers": 4, "num_heads": 4, "num_kv_
                    "audio_d_model": 256, "encoder_layers": 4, "audio_heads": 4, "audio_ffn": 1024}
 
 
-def model_dir_for(shape: str, root: Path = TMP) -> str:
-    """The shape's model, built once under ``root`` (no downloads): the toy, or the real-shape model with
-    ``REALISTIC_SIZES`` (``emorl_pl.modules.tiny.build_real_shape_qwen2_audio``)."""
+def model_dir_for(shape: str, root: Path = TMP, family: str = "qwen2_audio") -> str:
+    """The shape's model, built once under ``root`` (no downloads): ``family``'s toy (``emorl-toy-model``), or
+    the real-shape Qwen2-Audio with ``REALISTIC_SIZES`` (``emorl_pl.modules.tiny.build_real_shape_qwen2_audio``)."""
     from emorl_pl.modules.tiny import build_real_shape_qwen2_audio, ensure_tiny_model
+    from emorl_pl.toy_model import build_toy
 
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     if shape == "toy":
-        return str(ensure_tiny_model(root / "emorl_tiny_bench"))
-    if shape == "realistic":
-        return str(build_real_shape_qwen2_audio(root / "emorl_realistic_bench_d512x4_a256x4", **REALISTIC_SIZES))
-    raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+        if family == "qwen2_audio":
+            return str(ensure_tiny_model(root / "emorl_tiny_bench"))
+        return str(build_toy(family, root / f"emorl_toy_bench_{family}"))
+    if family != "qwen2_audio":
+        raise ValueError(f"the realistic shape is built for qwen2_audio only, not {family!r}; use --shape toy")
+    return str(build_real_shape_qwen2_audio(root / "emorl_realistic_bench_d512x4_a256x4", **REALISTIC_SIZES))
 
 
 def hf_audio_tower(hf_model: nn.Module) -> nn.Module:

@@ -113,7 +113,7 @@ def memory_plan(args: argparse.Namespace, model_dir: str, device: str) -> Plan:
         "trainer": trainer,
     }
     geometry = geometry_from_config(Path(model_dir) / "config.json")
-    settings, _ = settings_from_config(config, {}, device=device, window_seconds=geometry.window_seconds)
+    settings, _ = settings_from_config(config, {}, device=device, window_seconds=geometry.feature_seconds)
     return plan(geometry, dataclasses.replace(settings, eval_batch_size=0))
 
 

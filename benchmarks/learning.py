@@ -13,6 +13,15 @@ GRPO - SFT gain in UA points, the number the README reports.
 
     python benchmarks/learning.py --seeds 0 1 --out runs/learning
 
+``--family F`` (qwen2_audio, audioflamingo3, qwen2_5_omni, qwen3_omni) runs the same stages, data and schedule
+on that family's toy (``emorl-toy-model``: 1024-token BPE trained in-process, 2 s window, thin random layers),
+which the script builds first (``runs/tiny-audioflamingo3``, ``runs/tiny-qwen2-5-omni``, ``runs/tiny-qwen3-omni``,
+the quickstart's ``runs/tiny-qwen2-audio``) unless ``--model-dir`` names a model. ``--quickstart-stages`` keeps
+the quickstart's three stages (untrained, SFT (esr), GRPO esr + ESWR) and prints one Markdown row per run: family,
+their test UA, wall and process CPU time. It shows that a family trains end to end, not that it ranks:
+
+    python benchmarks/learning.py --family qwen3_omni --quickstart-stages --out runs/learning_qwen3_omni
+
 ``--eight-class``: the benchmark where ESWR can matter. On IEMOCAP-4 no pair of emotions earns ESWR's
 partial credit (Plutchik S <= 0.5 < gamma 0.7), so ESWR is plain accuracy there. This runs the configs of
 ``configs/benchmarks/learning_8class`` on the generated RAVDESS-8 corpus whose Plutchik neighbours
@@ -59,6 +68,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from emorl_pl.cli import run_cli
+from emorl_pl.toy_model import FAMILIES as TOY_FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -93,9 +103,13 @@ def _last_ckpt(out: Path) -> str:
     return str(found[-1])
 
 
+QUICKSTART_STAGES = ("untrained", "SFT (esr)", "GRPO esr + ESWR")
+
+
 def run_seed(seed: int, root: Path, sft_steps: int, grpo_steps: int, control: bool = True,
-             extra: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """The 4-class stages of one seed; ``extra`` CLI arguments go to every run (model, corpus, sizes)."""
+             extra: list[str] | None = None, quickstart_only: bool = False) -> dict[str, dict[str, float]]:
+    """The 4-class stages of one seed; ``extra`` CLI arguments go to every run (model, corpus, sizes).
+    ``quickstart_only``: the quickstart's stages only (``QUICKSTART_STAGES``: no control, ablations or ir)."""
     total = sft_steps + grpo_steps
     res: dict[str, dict[str, float]] = {}
     base = root / f"seed{seed}"
@@ -104,19 +118,19 @@ def run_seed(seed: int, root: Path, sft_steps: int, grpo_steps: int, control: bo
         return _run(subcommand, out, seed, [*(extra or []), *args])
 
     res["untrained"] = stage("test", base / "untrained", seed, [])
-    for mode in ("esr", "ir"):
+    for mode in ("esr",) if quickstart_only else ("esr", "ir"):
         sft_dir = base / f"sft_{mode}"
         common = ["--model.init_args.mode", mode, "--model.init_args.sft_steps", str(sft_steps)]
         stage("fit", sft_dir, seed, [*common, "--trainer.max_steps", str(sft_steps)])
         sft_ckpt = _last_ckpt(sft_dir)
         res[f"SFT ({mode})"] = stage("test", sft_dir / "test", seed, [*common, "--ckpt_path", sft_ckpt])
-        if mode == "esr" and control:
+        if mode == "esr" and control and not quickstart_only:
             # Control: is it the RL, or just more training? Supervised for the same total steps.
             ctl = base / "sft_esr_long"
             ctl_args = ["--model.init_args.sft_steps", str(total), "--trainer.max_steps", str(total)]
             stage("fit", ctl, seed, ctl_args)
             res[f"SFT (esr), {total} steps (control)"] = stage("test", ctl / "test", seed, [*ctl_args, "--ckpt_path", _last_ckpt(ctl)])
-        variants = {"eswr": []} if mode == "ir" else {
+        variants = {"eswr": []} if mode == "ir" or quickstart_only else {
             "eswr": [],
             "accuracy": ["--model.init_args.rewards", "{accuracy: 1.0, format: 0.5}"],
         }
@@ -518,11 +532,25 @@ def report_8class(per_seed: list[dict[str, dict[str, Any]]], seeds: Sequence[int
             print(f"figure: {path}")
 
 
+def toy_dir(family: str) -> Path:
+    """Where the script builds ``family``'s toy: the quickstart config's folder for Qwen2-Audio."""
+    return Path("runs/tiny-qwen2-audio" if family == "qwen2_audio" else f"runs/tiny-{family.replace('_', '-')}")
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    """``--model-dir`` as given, else the family's toy, built first when its folder holds none."""
+    if args.model_dir:
+        return args.model_dir
+    from emorl_pl.toy_model import build_toy
+
+    # a smoke run keeps its toy under its own folder, as its corpus
+    return str(build_toy(args.family, Path(args.out) / f"tiny-{args.family}" if args.smoke else toy_dir(args.family)))
+
+
 def run_arguments(args: argparse.Namespace, root: Path) -> list[str]:
     """CLI arguments every run of either benchmark gets: the smoke sizes, the model and the corpus folder."""
     extra = list(SMOKE) if args.smoke else []
-    if args.model_dir:
-        extra += ["--model.init_args.policy.init_args.model_dir", args.model_dir]
+    extra += ["--model.init_args.policy.init_args.model_dir", model_dir(args)]
     # a smoke corpus of its own: the real one's folder would then hold a corpus of the wrong size
     data_root = args.data_root or (str(root / "data") if args.smoke else None)
     if data_root:
@@ -573,7 +601,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     eight.add_argument("--val-every", type=int, default=None,
                        help="validation interval in steps (default: the configs')")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the path in seconds, measures nothing")
-    parser.add_argument("--model-dir", default=None, help="model folder instead of the configs' runs/tiny-qwen2-audio")
+    parser.add_argument("--family", default="qwen2_audio", choices=TOY_FAMILIES,
+                        help="the toy model to build and train (default qwen2_audio, the quickstart's)")
+    parser.add_argument("--quickstart-stages", action="store_true",
+                        help="the quickstart's stages only: untrained, SFT (esr), GRPO esr + ESWR")
+    parser.add_argument("--model-dir", default=None,
+                        help="a model folder to use as it is, instead of building --family's toy")
     parser.add_argument("--data-root", default=None, help="corpus folder instead of the data config's root")
     eight.add_argument("--variants", nargs="+", default=None,
                        help="run these only (config stems, e.g. grpo_esr_eswr; their cold starts come along)")
@@ -582,18 +615,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.eight_class:
         args.out = args.out or ("runs/learning_8class_smoke" if args.smoke else "runs/learning_8class")
         return main_8class(args)
-    root = Path(args.out or "runs/learning")
+    args.out = args.out or ("runs/learning_smoke" if args.smoke else "runs/learning")
+    root = Path(args.out)
     sft_steps = args.sft_steps if args.sft_steps is not None else (2 if args.smoke else 300)
     grpo_steps = args.grpo_steps if args.grpo_steps is not None else (2 if args.smoke else 300)
     extra = run_arguments(args, root)
-    per_seed = []
+    per_seed, wall, cpu = [], [], []
     for seed in args.seeds:
-        start = time.time()
-        per_seed.append(run_seed(seed, root, sft_steps, grpo_steps, control=not args.no_control, extra=extra))
+        start, cpu_start = time.time(), time.process_time()
+        per_seed.append(run_seed(seed, root, sft_steps, grpo_steps, control=not args.no_control, extra=extra,
+                                 quickstart_only=args.quickstart_stages))
+        wall.append(time.time() - start)
+        cpu.append(time.process_time() - cpu_start)  # all threads: a loaded machine's wall time overstates the work
+        root.mkdir(parents=True, exist_ok=True)
         (root / "results.json").write_text(json.dumps(per_seed, indent=1))
-        print(f"seed {seed} done in {time.time() - start:.0f} s", flush=True)
+        (root / "run.json").write_text(json.dumps({"family": args.family, "model_dir": model_dir(args),
+                                                   "seeds": args.seeds[: len(per_seed)], "wall_s": wall, "cpu_s": cpu,
+                                                   "sft_steps": sft_steps, "grpo_steps": grpo_steps}, indent=1))
+        print(f"seed {seed} done in {wall[-1]:.0f} s", flush=True)
     print(table(per_seed))
+    print()
+    print(family_row(args.family, per_seed, wall, cpu, sft_steps, grpo_steps))
     return per_seed
+
+
+FAMILY_HEADER = ("| family (toy) | untrained UA | cold-start UA | GRPO esr + ESWR UA | wall time per seed | "
+                 "process CPU time per seed |\n|---|---|---|---|---|---|")
+
+
+def family_row(family: str, per_seed: Sequence[dict[str, dict[str, float]]], wall_s: Sequence[float],
+               cpu_s: Sequence[float], sft_steps: int, grpo_steps: int) -> str:
+    """The family table's header and this run's row: test UA of the quickstart's stages (mean, min-max over
+    seeds) and the wall time of a seed's stages (all its runs, tests included)."""
+    def ua(stage: str) -> str:
+        return _mean_range([100 * r[stage]["ua"] for r in per_seed])
+
+    minutes, cpu_minutes = _mean_range([w / 60 for w in wall_s]), _mean_range([c / 60 for c in cpu_s])
+    return (f"{FAMILY_HEADER}\n| {family} | {ua('untrained')} | {ua('SFT (esr)')} | {ua('GRPO esr + ESWR')} | "
+            f"{minutes} min | {cpu_minutes} min |\n\n{len(per_seed)} seed(s), {sft_steps} cold-start + {grpo_steps} GRPO steps")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHAPES, TMP, model_dir_for, print_table, quantiles, sync, synthetic_batch  # noqa: E402
 
+from emorl_pl.modules import sampling  # noqa: E402
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings  # noqa: E402
+from emorl_pl.modules.prompting import PromptEmbeds  # noqa: E402
+from emorl_pl.modules.sampling import SamplingSettings, SpecialTokens  # noqa: E402
 from emorl_pl.modules.vllm_engine import VLLMSettings  # noqa: E402
 
 PATHS = ("generate", "off", "adapters", "merged")
@@ -117,6 +120,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ decoding paths
+def hf_generate(policy: AudioLMPolicy, pe: PromptEmbeds, group_size: int, max_new_tokens: int) -> torch.Tensor:
+    """The baseline: Hugging Face ``generate`` on the same shared prefill, as the rollout draws (``sampling.generate``,
+    the rollout's fallback for models the decode loop cannot drive), with the rollout's decoding of the texts."""
+    hf = policy.hf_model
+    tokens = SpecialTokens(policy.eos_token_ids, policy.pad_token_id, policy.audio_token_ids)
+    was_training = hf.training
+    hf.eval()
+    try:
+        policy.family.reset_state(hf)
+        ids = sampling.generate(hf, policy.family, pe, group_size, tokens,
+                                SamplingSettings(max_new_tokens=max_new_tokens))
+    finally:
+        hf.train(was_training)
+    policy.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return ids
+
+
 def compare_paths(args: argparse.Namespace, device: str) -> dict[str, float]:
     policy = build_policy(args, device)
     batch = synthetic_batch(args.batch_size, args.seconds)
@@ -126,15 +146,17 @@ def compare_paths(args: argparse.Namespace, device: str) -> dict[str, float]:
         pe = policy.encode_prompts(prompts)
         for rep in range(args.reps + 1):  # the first round warms up
             for path in PATHS:
-                policy.decoding = "generate" if path == "generate" else "loop"
                 policy.fused_decode = path if path in ("adapters", "merged") else "off"
                 sync()
                 start = time.perf_counter()
-                out = policy.rollout(pe, args.group_size, max_new_tokens=args.max_new_tokens)
+                if path == "generate":
+                    ids = hf_generate(policy, pe, args.group_size, args.max_new_tokens)
+                else:
+                    ids = policy.rollout(pe, args.group_size, max_new_tokens=args.max_new_tokens).completion_ids
                 sync()
                 if rep:
                     times[path].append(time.perf_counter() - start)
-                assert out.completion_ids.shape[1] == args.max_new_tokens
+                assert ids.shape[1] == args.max_new_tokens
     base = quantiles(times["generate"])["median"]
     print(f"device={device} dtype={args.dtype} B={args.batch_size} G={args.group_size} "
           f"tokens={args.max_new_tokens} lora={not args.no_lora} reps={args.reps} threads={torch.get_num_threads()}")

@@ -3,6 +3,12 @@
     pip install -e ".[bench]"                        # trl==1.16.0
     python benchmarks/vs_trl.py                      # toy Qwen2-Audio, B=4, G=6, 64 tokens, 5 reps each
     python benchmarks/vs_trl.py --shape realistic    # real vocabulary + 30 s window, 4 s audio, 2 reps each
+    python benchmarks/vs_trl.py --family audioflamingo3   # another family's toy (emorl-toy-model)
+
+``--family``: qwen2_audio (default), audioflamingo3, qwen2_5_omni, qwen3_omni, on the family's toy (the realistic
+shape is Qwen2-Audio's only). Where TRL's GRPOTrainer cannot run the model at all (``trl_blocker``: the Omni
+thinkers, whose base model is the thinker itself, so TRL's fused LM head cannot reach their hidden states), the
+script says why and exits with status 2.
 
 Both sides load the same weights from one model dir, train the same LoRA (same target modules, r,
 alpha), and see the same B utterances every step with the same G, max_new_tokens, temperature, loss
@@ -48,8 +54,8 @@ from _common import (  # noqa: E402
     PeakMemory,
     PhaseTimer,
     floor_seconds,
-    hf_audio_tower,
     measure_machine,
+    model_dir_for,
     print_table,
     quantiles,
     roofline_table,
@@ -61,7 +67,6 @@ from grpo_step import (  # noqa: E402
     OptimizerTiming,
     build_module,
     count_rollouts,
-    default_model_dir,
     instrument,
     parse_step_args,
     prompt_tokens,
@@ -70,11 +75,20 @@ from grpo_step import (  # noqa: E402
 )
 from roofline import Machine, logits_bytes  # noqa: E402
 
+from emorl_pl.modules.families import AudioLMFamily, family_for, import_class  # noqa: E402
 from emorl_pl.modules.policy import AudioLMPolicy  # noqa: E402
+from emorl_pl.toy_model import FAMILIES as TOY_FAMILIES  # noqa: E402
+
+# The keyword under which a family's forward / generate take the mel frames' mask (the processors we load
+# return it as ``feature_attention_mask``: AF3's as renamed by ``families._af3_processor_class``).
+FEATURE_MASK_KWARG = {"audioflamingo3": "input_features_mask"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_step_args(step_arguments(__doc__.split("\n\n")[0]), argv)
+    parser = step_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=TOY_FAMILIES, default="qwen2_audio",
+                        help="model family of the toy both trainers train (default qwen2_audio)")
+    args = parse_step_args(parser, argv)
     args.dtype, args.num_iterations, args.micro_batch_size = "float32", 1, None  # what TRL's side runs
     return args
 
@@ -171,25 +185,64 @@ class Side:
 
 
 # ------------------------------------------------------------------------------------------------ TRL
+def model_family(model_dir: str) -> AudioLMFamily:
+    from transformers import AutoConfig
+
+    return family_for(AutoConfig.from_pretrained(model_dir).model_type, f"{model_dir}/config.json")
+
+
+def trl_blocker(model_dir: str) -> str | None:
+    """Why TRL 1.16's GRPOTrainer cannot train this model at all, or None. Its log-probs come only from the
+    fused LM head (``trl.trainer.utils.add_fused_lm_head``, patched onto every model in ``GRPOTrainer.__init__``),
+    which runs ``model.base_model`` and reads that output's ``last_hidden_state``. A model whose
+    ``base_model_prefix`` names no submodule has ``base_model`` = itself (the Omni thinkers: prefix "thinker",
+    text model at ``.model``), so the head calls the whole model back, which returns logits, not hidden states."""
+    from transformers import AutoConfig
+
+    family = model_family(model_dir)
+    model_class = import_class(family.model_class)
+    with torch.device("meta"):  # the module tree only, no weights
+        model = model_class(family.model_config(AutoConfig.from_pretrained(model_dir)))
+    prefix = model_class.base_model_prefix
+    if model.base_model is model:
+        return (f"TRL {_trl_version()} cannot run {model_class.__name__} ({family.model_type}): GRPOTrainer computes "
+                f"every log-prob through its fused LM head (trl.trainer.utils.add_fused_lm_head), which calls "
+                f"model.base_model and reads last_hidden_state; this class's base_model_prefix is {prefix!r}, a "
+                f"submodule it does not have, so base_model is the model itself and returns logits (AttributeError: "
+                f"no last_hidden_state). Nothing to compare against on this family.")
+    return None
+
+
+def _trl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trl")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction: str, lora_targets: str,
               reward_set, audio_token_ids: list[int], side_factory):
     """TRL's GRPOTrainer with the audio carried R1-AQA style; returns (trainer, the Side that times it)."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    family = model_family(model_dir)
+    processor = family.load_processor(model_dir)  # the processor our policy uses (AF3's, Omni's audio-only)
     processor.tokenizer.padding_side = "left"
     fe = processor.feature_extractor
+    mask_kwarg = FEATURE_MASK_KWARG.get(family.model_type, "feature_attention_mask")
 
     class AudioGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer + Qwen2-Audio inputs: the smallest set of overrides that carries the audio."""
+        """GRPOTrainer + audio-LM inputs: the smallest set of overrides that carries the audio."""
 
         def _generate_and_score_completions(self, inputs):
             self._batch_audio = [np.asarray(x["audio"], dtype=np.float32) for x in inputs]
             out = super()._generate_and_score_completions(inputs)
-            out["input_features"], out["feature_attention_mask"] = self._audio_fields
+            out["input_features"], out[mask_kwarg] = self._audio_fields
             side.last_tokens = float(out["completion_mask"].sum())
             return out
 
@@ -200,12 +253,12 @@ def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction
             ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
             device = self.accelerator.device
             fields = {"input_features": enc["input_features"].to(device),
-                      "feature_attention_mask": enc["feature_attention_mask"].to(device)}
-            self._audio_fields = (fields["input_features"], fields["feature_attention_mask"])
+                      mask_kwarg: enc["feature_attention_mask"].to(device)}
+            self._audio_fields = (fields["input_features"], fields[mask_kwarg])
             return ids, None, fields
 
         def _compute_loss(self, model, inputs):
-            self._audio_fields = (inputs["input_features"], inputs["feature_attention_mask"])
+            self._audio_fields = (inputs["input_features"], inputs[mask_kwarg])
             return super()._compute_loss(model, inputs)
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
@@ -222,7 +275,7 @@ def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction
                 labels[:, :-logits_to_keep] = -100
                 with self.accelerator.autocast():
                     out = model(input_ids=ids, attention_mask=mask, input_features=features[start:end],
-                                feature_attention_mask=feature_mask[start:end], labels=labels, fused_lm_head=True)
+                                **{mask_kwarg: feature_mask[start:end]}, labels=labels, fused_lm_head=True)
                 logps.append(out.log_probs[:, -logits_to_keep:])
                 if compute_entropy:
                     entropies.append(out.entropy[:, -logits_to_keep:])
@@ -272,14 +325,14 @@ def build_trl(args: argparse.Namespace, model_dir: str, batch: dict, instruction
         disable_tqdm=True,
         seed=0,
     )
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    hf_audio_tower(model).requires_grad_(False)
+    model = import_class(family.model_class).from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    family.audio_tower(model).requires_grad_(False)
     # TRL suppresses ``config.image_token_id`` for any processor; our generation_kwargs override it anyway.
-    model.config.image_token_id = model.config.audio_token_id
+    model.config.image_token_id = family.audio_token_id(model)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets, bias="none")
     trainer = AudioGRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                                processing_class=processor, peft_config=lora)
-    side = side_factory(hf_audio_tower(model))
+    side = side_factory(family.audio_tower(model))
 
     class Timing(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -399,7 +452,15 @@ def target_rows(summary: dict[str, float]) -> list[list]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    model_dir = args.model or default_model_dir(args.shape)
+    try:
+        model_dir = args.model or model_dir_for(args.shape, family=args.family)
+    except ValueError as err:
+        print(f"vs_trl: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    blocker = trl_blocker(model_dir)
+    if blocker:
+        print(f"vs_trl: {blocker}", file=sys.stderr)
+        raise SystemExit(2)
     # What both sides must agree on, read once here (the policy is loaded on the CPU and dropped).
     module = build_module(args, model_dir)
     policy = module.policy.load()
@@ -416,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     floors = ours["floors"][w:]
     f = quantiles([x["floor"] for x in floors])["median"] if floors else float("nan")
     ratio = quantiles([a / b for a, b in zip(o, t)])
-    print(f"device={ours['device']} shape={args.shape} model={model_dir} B={args.batch_size} G={args.group_size} "
+    print(f"device={ours['device']} shape={args.shape} family={model_family(model_dir).model_type} model={model_dir} B={args.batch_size} G={args.group_size} "
           f"max_new_tokens={args.max_new_tokens} seconds={args.seconds} beta={args.beta} loss={args.loss_type} "
           f"reps={args.reps} (after {w} warm-up, alternating, one process each)")
 

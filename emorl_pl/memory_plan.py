@@ -27,6 +27,11 @@ experts' width k x I_e for I, plus its router (``_router_bytes``), and was check
 peak of the real-shape model (tests/test_memory_plan_families.py); everything else is counted from the code
 that allocates it.
 
+Building the prompts, the processor pads each clip's waveform to the feature extractor's window (or, Qwen3-Omni,
+to the batch's longest clip) and computes its log-mel features on the host (``feature_extraction_bytes``): on the
+CPU that is a stage of its own, the largest with Qwen2.5-Omni's 300 s window (164 MiB per clip); on a GPU it is
+host RAM (a note). The features themselves are held through the step, on the policy's device.
+
 ``rollout_engine="vllm"`` (``emorl_pl.modules.vllm_engine``): a colocated ``vllm.LLM`` samples the rollouts.
 It holds its own whole copy of the weights, W = params x b_e (b_e: ``VLLMSettings.dtype``, "auto" = the
 config's 16-bit dtype), and reserves R = max(u x GPU memory, W + A) with u = ``gpu_memory_utilization``:
@@ -40,6 +45,8 @@ then not used. ``VLLMSettings``' defaults are that dataclass's own (``vllm_engin
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,6 +90,20 @@ def rollout_engines() -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------ geometry
+@functools.cache
+def feature_extractor_defaults() -> dict[str, Any]:
+    """``WhisperFeatureExtractor.__init__``'s defaults (every family's feature extractor; transformers' own
+    code, read when first asked): ``sampling_rate``, ``hop_length``, ``n_fft``, ``chunk_length``."""
+    from transformers import WhisperFeatureExtractor
+
+    params = inspect.signature(WhisperFeatureExtractor.__init__).parameters
+    return {k: params[k].default for k in ("sampling_rate", "hop_length", "n_fft", "chunk_length")}
+
+
+def _fe_default(name: str) -> Any:
+    return field(default_factory=lambda: feature_extractor_defaults()[name])
+
+
 @dataclass(frozen=True)
 class ModelGeometry:
     """The shapes that set memory: a Qwen2 language model and a Whisper-style audio encoder (Qwen2-Audio, Audio
@@ -103,6 +124,13 @@ class ModelGeometry:
     ``audio_chunk_tokens``: an encoder that emits that many tokens per 100 mel frames (Qwen3-Omni: 13) instead
     of Whisper's stride-4 (25 per second). ``window_seconds``: the encoder's fixed input window (audio is padded to it).
     ``torch_dtype``: the checkpoint's dtype from config.json (None: not given, transformers' float32).
+
+    The feature extractor (preprocessor_config.json; ``WhisperFeatureExtractor``'s defaults where not given):
+    ``feature_window_seconds``, its ``chunk_length``, to which the prompts crop each clip (None: the encoder's
+    window; Qwen2.5-Omni's and Qwen3-Omni's is 300 s); ``features_padded_to_window``: whether the processor pads
+    every clip's waveform to that whole window (its ``audio_kwargs`` padding "max_length": Qwen2-Audio, Audio
+    Flamingo 3, Qwen2.5-Omni) or only to the batch's longest clip (Qwen3-Omni); ``sampling_rate``,
+    ``hop_length``, ``n_fft`` of its STFT.
     """
 
     vocab_size: int
@@ -130,6 +158,11 @@ class ModelGeometry:
     audio_chunk_tokens: int | None = None
     name: str = "model"
     torch_dtype: str | None = None  # config.json's dtype of the checkpoint (what vLLM's dtype "auto" follows)
+    feature_window_seconds: float | None = None
+    features_padded_to_window: bool = True
+    sampling_rate: int = _fe_default("sampling_rate")
+    hop_length: int = _fe_default("hop_length")
+    n_fft: int = _fe_default("n_fft")
 
     @property
     def kv_dim(self) -> int:
@@ -151,6 +184,11 @@ class ModelGeometry:
     @property
     def window_seconds(self) -> float:
         return 2 * self.max_source_positions / MEL_FRAMES_PER_SECOND
+
+    @property
+    def feature_seconds(self) -> float:
+        """The feature extractor's window: each clip is cropped to it (and, padded to the window, padded to it)."""
+        return self.feature_window_seconds if self.feature_window_seconds is not None else self.window_seconds
 
 
 def attention_params(g: ModelGeometry) -> int:
@@ -174,6 +212,15 @@ def lm_layer_params(g: ModelGeometry) -> int:
     """One decoder layer: attention + MLP (or router + experts) + two RMSNorm weights (D each). Qwen2: q
     (D x D + D), k and v (D x kv + kv each), o (D x D), gate/up/down (3 x D x I)."""
     return attention_params(g) + mlp_params(g) + 2 * g.hidden_size
+
+
+def _max_shard_bytes() -> int:
+    """``weight_sync.write_hub_shards``' shard size (its default), read from the code."""
+    import inspect
+
+    from emorl_pl.modules.weight_sync import write_hub_shards
+
+    return int(inspect.signature(write_hub_shards).parameters["max_shard_bytes"].default)
 
 
 def largest_weight(g: ModelGeometry) -> int:
@@ -270,6 +317,42 @@ def text_tokens(mode: str, num_labels: int = 4) -> int:
     return TEXT_TOKENS[mode] + TEXT_TOKENS_PER_EXTRA_LABEL * max(num_labels - 4, 0)
 
 
+def feature_samples(g: ModelGeometry, audio_seconds: float | None = None) -> int:
+    """N, the samples of each clip's padded waveform in the feature extractor: the whole window when the
+    processor pads to it, else the batch's longest clip (``audio_seconds``; None: the window), cropped to it."""
+    window = int(round(g.feature_seconds * g.sampling_rate))
+    if g.features_padded_to_window or audio_seconds is None:
+        return window
+    return min(window, int(round(audio_seconds * g.sampling_rate)))
+
+
+def feature_frames(g: ModelGeometry, audio_seconds: float | None = None) -> int:
+    """F = N // hop mel frames per clip (the STFT's N // hop + 1 frames less the last)."""
+    return feature_samples(g, audio_seconds) // g.hop_length
+
+
+def feature_extraction_bytes(g: ModelGeometry, audio_seconds: float | None = None) -> tuple[int, int]:
+    """(peak, kept) host bytes per clip of the prompts' feature extraction (``prompting.build_prompts`` ->
+    the processor -> ``WhisperFeatureExtractor.__call__`` and ``_torch_extract_fbank_features``, transformers
+    5.17, on the CPU whatever the training device), for N samples, F frames, K = n_fft // 2 + 1 frequencies,
+    M mels:
+
+    - padding: the waveform (fp32) and its per-sample attention mask (int32), 4 N each;
+    - the STFT: the centre-padded waveform 4 (N + n_fft), its windowed frames 4 n_fft (F + 1) and the complex
+      spectrum 8 K (F + 1); after it, the spectrum (kept until the function returns), the power spectrum 4 K F,
+      the mel spectrogram 4 M F and the log-mel with its two rescaled copies, 3 x 4 M F;
+
+    the peak is the larger of those two moments (the second at 300 s: 164 MiB per clip). Kept afterwards: the
+    features (4 M F) and the per-sample mask (4 N), which the returned per-frame mask is a strided view of.
+    Measured with the real processors (tests/test_memory_plan_families.py)."""
+    n, f = feature_samples(g, audio_seconds), feature_frames(g, audio_seconds)
+    k, m = g.n_fft // 2 + 1, g.num_mel_bins
+    padded = 4 * n + 4 * n
+    stft = 4 * (n + g.n_fft) + 4 * g.n_fft * (f + 1) + 8 * k * (f + 1)
+    after = 8 * k * (f + 1) + 4 * k * f + 4 * 4 * m * f
+    return padded + max(stft, after), 4 * m * f + 4 * n
+
+
 # ------------------------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class PlanSettings:
@@ -296,6 +379,9 @@ class PlanSettings:
     vllm=VLLMSettings(...))``); ``vllm_*`` are its ``VLLMSettings`` (None: that dataclass's default, read from
     ``emorl_pl.modules.vllm_engine``). ``gpu_memory_gib``: the GPU's memory, of which the engine reserves the
     fraction ``vllm_gpu_memory_utilization`` (needed with the engine only).
+
+    ``audio_seconds``: the longest clip, for a processor that pads a batch's features to its longest clip
+    (Qwen3-Omni); None: the feature extractor's whole window.
     """
 
     batch_size: int
@@ -333,6 +419,7 @@ class PlanSettings:
     vllm_dtype: str | None = None
     vllm_max_model_len: int | None = None
     gpu_memory_gib: float | None = None
+    audio_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "group_size", "prompt_tokens", "max_new_tokens", "micro_batch_size",
@@ -350,6 +437,8 @@ class PlanSettings:
                 raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
         if self.fsdp_sync not in ("per_step", "per_backward"):
             raise ValueError(f"fsdp_sync must be per_step or per_backward, got {self.fsdp_sync!r}")
+        if self.audio_seconds is not None and not self.audio_seconds > 0:
+            raise ValueError(f"audio_seconds must be > 0 or None (the feature window), got {self.audio_seconds}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1 or None (full fine-tuning), got {self.lora_rank}")
         if self.rollout_engine not in rollout_engines():
@@ -585,14 +674,15 @@ def _kv_bytes(g: ModelGeometry, rows: int, tokens: int, nbytes: int) -> float:
     return rows * tokens * g.num_layers * 2 * g.kv_dim * nbytes
 
 
-def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int) -> float:
-    """No-grad audio tower on the padded window, per utterance: mel features (mels x 2S, fp32), conv1
-    output (d x 2S), then per layer hidden, residual, q/k/v/attention output (S x d each) and the FFN
-    (S x f); SDPA's fused kernels (flash / memory-efficient on GPU, flash on CPU, masks included) keep no
-    S x S scores."""
+def _encoder_activations(g: ModelGeometry, s: PlanSettings, utterances: int, inputs: bool) -> float:
+    """No-grad audio tower on the padded window, per utterance: with ``inputs``, the mel features (mels x F
+    in the policy dtype; a training step's are held with the rollout buffers instead), conv1 output (d x 2S),
+    then per layer hidden, residual, q/k/v/attention output (S x d each) and the FFN (S x f); SDPA's fused
+    kernels (flash / memory-efficient on GPU, flash on CPU, masks included) keep no S x S scores."""
     frames, positions = 2 * g.max_source_positions, g.max_source_positions
     d, b = g.audio_d_model, s.act_bytes
-    return utterances * (g.num_mel_bins * frames * 4 + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
+    features = g.num_mel_bins * feature_frames(g, s.audio_seconds) * s.param_bytes if inputs else 0
+    return utterances * (features + d * frames * b + positions * (6 * d + g.audio_ffn) * b)
 
 
 # ------------------------------------------------------------------------------------------ the vLLM engine
@@ -888,6 +978,19 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
         + s.batch_size * audio_tokens(g.window_seconds, g.window_seconds, g.audio_chunk_tokens) * g.audio_d_model * b  # tower output
         + s.rows * t * (8 + 8 + 4 * 4 + (4 if s.vllm else 0)))  # ids, mask, advantages/mask/ref/old (engine) log-probs
     always.append(Piece("rollout buffers", rollout_buffers, "prompt embeddings, audio features, ids, log-probs"))
+    # The prompts' mel features (build_prompts: in the policy dtype, on the policy's device) live through the step.
+    # On the CPU they are the feature extractor's own arrays, and its per-sample mask stays alive with them.
+    frames, samples = feature_frames(g, s.audio_seconds), feature_samples(g, s.audio_seconds)
+    fe_peak, _ = feature_extraction_bytes(g, s.audio_seconds)
+    mask = 4 * samples if s.device == "cpu" else 4 * frames
+    features = g.num_mel_bins * frames * b_p + mask
+    always.append(Piece("prompt audio features", s.accumulate_grad_batches * s.batch_size * features,
+                        f"B x {g.num_mel_bins} mels x {frames} frames x {b_p} B + the mask"
+                        + (f" (per sample, {samples}: the frame mask is a view of it)" if s.device == "cpu" else "")))
+    if s.device == "cuda":
+        notes.append(f"host RAM while building a batch's prompts: {s.batch_size} x {fe_peak / 2**20:.0f} MiB per process "
+                     f"(feature extraction, each clip padded to {samples / g.sampling_rate:g} s: "
+                     f"memory_plan.feature_extraction_bytes)")
     if s.device == "cuda":
         always.append(Piece("CUDA context, NCCL, workspaces (allowance)", CUDA_RUNTIME_BYTES, "not modelled"))
     engine: tuple[Piece, ...] = ()  # what the engine adds to the stages that sample (rollout, validation)
@@ -909,9 +1012,14 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
             ] if s.autocast else []
     stages: list[Stage] = []
 
+    # Building the prompts: on the CPU the feature extraction is a moment of the step (on a GPU it is host RAM).
+    if s.device == "cpu":
+        stages.append(Stage("prompt features (feature extractor)", (
+            Piece("feature extraction temporaries", s.batch_size * (fe_peak - features),
+                  f"{s.batch_size} x {samples} samples: STFT and log-mel (memory_plan.feature_extraction_bytes)"),)))
     # Prompt encoding: the audio tower once per utterance, no grad.
     stages.append(Stage("prompt encoding (audio tower)", (
-        Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.batch_size),
+        Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.batch_size, inputs=False),
               f"{s.batch_size} x {g.max_source_positions} positions"), *extra)))
 
     # Rollout: shared prefill of B prompts, decode n rows. The fused step (one device, or FSDP2 with the
@@ -980,8 +1088,13 @@ def plan(g: ModelGeometry, s: PlanSettings) -> Plan:
     # Validation / test between steps: greedy decoding of eval_batch_size utterances, one sample each.
     if s.eval_batch_size:
         t_eval = s.eval_max_new_tokens or t
-        encoder = Piece("audio encoder activations (no grad)", _encoder_activations(g, s, s.eval_batch_size),
-                        f"{s.eval_batch_size} x {g.max_source_positions} positions")
+        encoder = Piece("audio encoder activations (no grad)",
+                        _encoder_activations(g, s, s.eval_batch_size, inputs=True),
+                        f"{s.eval_batch_size} x {g.max_source_positions} positions, with the mel features")
+        if s.device == "cpu":
+            stages.append(Stage("validation prompt features (feature extractor)", (
+                Piece("feature extraction temporaries", s.eval_batch_size * fe_peak,
+                      f"{s.eval_batch_size} x {samples} samples (memory_plan.feature_extraction_bytes)"),)))
         if s.vllm:
             stages.append(Stage("validation (greedy, vLLM engine)", (encoder, *engine)))
         else:
@@ -1009,14 +1122,18 @@ def _engine_notes(g: ModelGeometry, s: PlanSettings) -> list[str]:
         notes.append(f"vLLM engine: gpu_memory_utilization {e['gpu_memory_utilization']:g} leaves less KV cache than "
                      f"one max_model_len {e['max_model_len']} sequence: vLLM refuses to start; it needs >= {need:.2f}")
     host = engine_weight_bytes(g, s) / GiB if s.engine_sleeps else 0.0
-    largest = largest_weight(g) * s.weight_bytes
-    sync = (2**30 + largest) / GiB  # write_hub_shards' max_shard_bytes + the weight being added to it
+    # write_hub_shards' max_shard_bytes + the weight being added to it; a fused expert weight is held together
+    # with its per-expert split (hub_layout.HubConverter) until both are in the shard
+    fused_experts = g.num_experts * 2 * g.moe_intermediate_size * g.hidden_size if g.moe else 0
+    largest = max(largest_weight(g), 2 * fused_experts) * s.weight_bytes
+    sync = (_max_shard_bytes() + largest) / GiB
     disk = total_params(g) * s.weight_bytes / GiB
-    notes.append(f"host RAM for the engine, per process: about {sync:.1f} GiB at each sync (one 1 GiB safetensors "
-                 f"shard being filled + one weight; weight_sync.write_hub_shards), the whole model in "
+    notes.append(f"host RAM for the engine: about {sync:.1f} GiB on the writing rank at each sync (one 1 GiB "
+                 "safetensors shard being filled + one weight, or a fused expert weight and its per-expert split; "
+                 "weight_sync.write_hub_shards; the other ranks only join the gathers), the whole model in "
                  f"{_dtype_name(s.weight_bytes)} ({disk:.1f} GiB) written to the temp folder"
-                 + (f", + {host:.1f} GiB, its weights while asleep" if s.engine_sleeps else "")
-                 + (f"; {s.num_gpus} processes: {s.num_gpus * (host + sync):.0f} GiB" if s.num_gpus > 1 else ""))
+                 + (f", + {host:.1f} GiB per process, its weights while asleep" if s.engine_sleeps else "")
+                 + (f"; {s.num_gpus} processes: {s.num_gpus * host + sync:.0f} GiB" if s.num_gpus > 1 else ""))
     if s.engine_sleeps:
         notes.append("vLLM sleep mode: modelled as the engine asleep (LLM.sleep(level=1): weights to host RAM, KV cache "
                      "freed) from the end of each rollout until the next rollout or validation wakes it")

@@ -148,6 +148,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
                   "moe_intermediate_size": size("text_config", text, "moe_intermediate_size")} if moe else {})
     omni = model_type.endswith("_thinker")
     torch_dtype = next((d for d in dtypes if isinstance(d, str)), None)
+    features = _feature_extractor(path, outer.get("model_type", model_type), omni)
     return ModelGeometry(
         vocab_size=size("text_config", text, "vocab_size"),
         hidden_size=hidden,
@@ -172,7 +173,38 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         audio_chunk_tokens=13 if moe else None,
         name=path.parent.name if path.name == "config.json" else path.stem,
         torch_dtype=torch_dtype,
+        **features,
     )
+
+
+def _feature_extractor(path: Path, model_type: str, omni: bool) -> dict[str, Any]:
+    """``ModelGeometry``'s feature-extractor fields. The window, rate, hop and FFT size from the model folder's
+    preprocessor_config.json when there is one; else the release's: the Omni thinkers' published 300 s window
+    (``tiny.OMNI_CHUNK_SECONDS``, what their test models are built with), the encoder's 30 s for the others.
+    Whether each clip is padded to the whole window: the processor class's own ``audio_kwargs`` default
+    (transformers' ``<Processor>Kwargs._defaults``; "max_length" pads to the window, ``True`` to the longest clip)."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    processor = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    padding = processor.valid_processor_kwargs._defaults.get("audio_kwargs", {}).get("padding", "max_length")
+    out: dict[str, Any] = {"features_padded_to_window": padding == "max_length"}
+    preprocessor = path.with_name("preprocessor_config.json")
+    if path.name == "config.json" and preprocessor.is_file():
+        try:
+            given = json.loads(preprocessor.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PlanConfigError(f"{preprocessor}: not valid JSON ({err})") from None
+        for key in ("sampling_rate", "hop_length", "n_fft"):
+            if key in given:
+                out[key] = _count(given[key], key, str(preprocessor))
+        if "chunk_length" in given:
+            out["feature_window_seconds"] = float(_count(given["chunk_length"], "chunk_length", str(preprocessor)))
+    elif omni:
+        from emorl_pl.modules.tiny import OMNI_CHUNK_SECONDS
+
+        out["feature_window_seconds"] = float(OMNI_CHUNK_SECONDS)
+    return out
 
 
 def _tower_params(model_type: str, config: dict, where: str) -> int:
@@ -453,7 +485,7 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
     if audio_seconds is None:
         audio_seconds = min(float(max_duration), window_seconds) if max_duration else window_seconds
         source = ("data.init_args.max_duration (the longest utterance)" if max_duration
-                  else "the encoder window (no data.init_args.max_duration)")
+                  else "the feature extractor's window (no data.init_args.max_duration)")
     else:
         source = "--audio-seconds"
     n_text = text_tokens(mode, num_labels)
@@ -499,6 +531,7 @@ def settings_from_config(config: dict, origin: Mapping[str, str], *, audio_secon
         vllm_dtype=engine.get("dtype"),
         vllm_max_model_len=engine.get("max_model_len"),
         gpu_memory_gib=gpu_memory_gib,
+        audio_seconds=audio_seconds,
     )
     assumed = {"audio_seconds": audio_seconds, "audio_source": source, "audio_tokens": n_audio,
                "text_tokens": n_text, "mode": module["mode"], "num_labels": num_labels}
@@ -690,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         geometry = geometry_from_config(path)
         settings, assumed = settings_from_config(
             config, origin, audio_seconds=args.audio_seconds, gpus=args.gpus, device=args.device,
-            window_seconds=geometry.window_seconds, reference_dtype=args.reference_dtype,
+            window_seconds=geometry.feature_seconds, reference_dtype=args.reference_dtype,
             gpu_memory_gib=args.gpu_memory, audio_chunk_tokens=geometry.audio_chunk_tokens)
         result = plan(geometry, settings)
     except (PlanConfigError, ValueError) as err:

@@ -57,6 +57,36 @@ def test_vs_trl_quick(bench_path, capsys):
     assert all(math.isfinite(v) and v > 0 for v in summary.values())
 
 
+def test_vs_trl_quick_audioflamingo3(bench_path, capsys):
+    """TRL's GRPOTrainer with the audio carried trains AF3 too (its mask under AF3's keyword)."""
+    pytest.importorskip("trl")
+    summary = importlib.import_module("vs_trl").main(["--quick", "--family", "audioflamingo3"])
+    out = capsys.readouterr().out
+    assert "family=audioflamingo3" in out and "ours_over_trl" in out
+    assert all(math.isfinite(v) and v >= 0 for v in summary.values())
+    # times are positive; sampled RSS over a 2-step CPU run can rise by 0 MiB, so memory ratios may be 0
+    assert all(v > 0 for k, v in summary.items() if "mem" not in k and "footprint" not in k)
+
+
+@pytest.mark.parametrize("family, thinker", [("qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration"),
+                                             ("qwen3_omni", "Qwen3OmniMoeThinkerForConditionalGeneration")])
+def test_vs_trl_says_why_trl_cannot_run_the_omni_thinkers(bench_path, capsys, family, thinker):
+    """TRL's fused LM head calls model.base_model, which is the thinker itself: exit 2 with the reason, before
+    any training (the run that tries fails with AttributeError: ... has no attribute 'last_hidden_state')."""
+    pytest.importorskip("trl")
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("vs_trl").main(["--quick", "--family", family])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"cannot run {thinker}" in err and "base_model_prefix is 'thinker'" in err and "last_hidden_state" in err
+
+
+def test_vs_trl_realistic_shape_is_qwen2_audios_only(bench_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("vs_trl").main(["--shape", "realistic", "--family", "audioflamingo3"])
+    assert exit_info.value.code == 2 and "realistic shape is built for qwen2_audio only" in capsys.readouterr().err
+
+
 def test_rollout_quick(bench_path, capsys):
     summary = importlib.import_module("rollout").main(
         ["--batch-size", "2", "--group-size", "2", "--max-new-tokens", "4", "--reps", "1"])
@@ -77,6 +107,26 @@ def test_learning_4class_smoke(bench_path, toy_model_dir, tmp_path, capsys):
                          "GRPO ir + ESWR"]
     assert all(0 <= r["ua"] <= 1 for r in res.values())
     assert "| GRPO esr + ESWR |" in out and "UA points per seed" in out
+
+
+def test_learning_quickstart_stages_on_a_new_family_smoke(bench_path, tmp_path, capsys):
+    """``--family``: the script builds that family's toy itself (no model folder given) and runs the
+    quickstart's stages on it; the family row reports their test UA."""
+    import json
+
+    learning = importlib.import_module("learning")
+    out_dir = tmp_path / "runs"
+    per_seed = learning.main(["--smoke", "--seeds", "0", "--family", "qwen3_omni", "--quickstart-stages",
+                              "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    (res,) = per_seed
+    assert list(res) == list(learning.QUICKSTART_STAGES) == ["untrained", "SFT (esr)", "GRPO esr + ESWR"]
+    assert all(0 <= r["ua"] <= 1 for r in res.values())
+    toy = out_dir / "tiny-qwen3_omni"
+    assert json.loads((toy / "config.json").read_text())["model_type"] == "qwen3_omni_moe"
+    run = json.loads((out_dir / "run.json").read_text())
+    assert run["family"] == "qwen3_omni" and run["model_dir"] == str(toy) and len(run["wall_s"]) == 1
+    assert "| family (toy) | untrained UA |" in out and "| qwen3_omni | " in out
 
 
 def test_lm_head_ops_quick(bench_path, capsys):

@@ -69,8 +69,7 @@ def test_progress_bar_is_the_rl_one_unless_disabled_or_chosen(tmp_path, config, 
              "--trainer.strategy", "auto"]
     if "quickstart" in config:
         args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
-    else:
-        args += ["--model.init_args.policy.init_args.model_dir", toy_model_dir]
+    args += ["--model.init_args.policy.init_args.model_dir", toy_model_dir]
     off = _trainer([*args, "--trainer.enable_progress_bar", "false"])
     assert off.progress_bar_callback is None
     on = _trainer([*args, "--trainer.enable_progress_bar", "true"])

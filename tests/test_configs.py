@@ -24,7 +24,7 @@ def print_config(args: list[str], capsys) -> dict:
 def test_quickstart_prints_complete_config(capsys):
     config = print_config(["-c", str(CONFIGS / "quickstart.yaml")], capsys)
     assert config["model"]["class_path"] == "emorl_pl.modules.grpo_module.GRPOModule"
-    assert config["model"]["init_args"]["policy"]["init_args"]["build_tiny_if_missing"] is True
+    assert config["model"]["init_args"]["policy"]["init_args"]["model_dir"] == "runs/tiny-qwen2-audio"
     assert config["data"]["class_path"] == "emorl_pl.datamodules.synth.SynthDataModule"
     assert config["data"]["init_args"]["label_set"] == "iemocap4"
     assert config["test_after_fit"] is True
@@ -64,7 +64,6 @@ def test_paper_recipe_uses_fsdp2_on_8_gpus_with_lr_1e6(capsys):
 def test_missing_model_dir_fails_before_loading_and_names_the_key(tmp_path, capsys):
     with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as err:
         run_cli(["fit", "-c", str(CONFIGS / "quickstart.yaml"),
-                 "--model.init_args.policy.init_args.build_tiny_if_missing", "false",
                  "--model.init_args.policy.init_args.model_dir", str(tmp_path / "absent"),
                  "--trainer.max_steps", "1"])
     text = str(err.value) + capsys.readouterr().err
@@ -81,7 +80,7 @@ def test_unknown_reward_fails_before_loading_and_names_it(tmp_path, capsys):
     assert not (tmp_path / "never-built").exists(), "no model may be built or loaded before the config is valid"
 
 
-def test_ckpt_path_runs_take_the_model_from_the_config(tmp_path, capsys, monkeypatch):
+def test_ckpt_path_runs_take_the_model_from_the_config(tmp_path, capsys, monkeypatch, toy_model_dir):
     """``emorl validate|test|predict -c CONFIG --ckpt_path FILE``: Lightning checkpoints carry the module's
     hparams (without the policy block); the CLI must build the model from the config, not from them."""
     import torch
@@ -91,8 +90,10 @@ def test_ckpt_path_runs_take_the_model_from_the_config(tmp_path, capsys, monkeyp
     hparams.update(_class_path=config["model"]["class_path"], _instantiator="lightning.pytorch.cli.instantiate_module")
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {}, "global_step": 1, "pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams}, ckpt)
-    # The policy block comes from the config file alone (its relative model_dir is built here).
+    # The policy block comes from the config file alone (its relative model_dir, the toy, is put here).
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny-qwen2-audio").symlink_to(toy_model_dir)
     cli = run_cli(["validate", "-c", str(CONFIGS / "quickstart.yaml"), "--trainer.default_root_dir", str(tmp_path),
                    "--data.init_args.root", str(tmp_path / "synth"), "--data.init_args.num_speakers", "3",
                    "--data.init_args.utterances_per_speaker_per_label", "1",

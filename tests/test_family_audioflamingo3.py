@@ -17,25 +17,29 @@ import json
 import subprocess
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from family_helpers import (
+    INSTRUCTION,
+    SR,
+    G,
+    decode_both,
+    fit_cold_start_grpo_and_validate,
+    full_sequence_logits,
+    grpo_module,
+    perturbed_lora_policy,
+    token_logps,
+    waves,
+)
 from test_distributed import CACHE, CONFIGS, EMORL, check_emorl, emorl_env
-from torch.utils.data import DataLoader
 
 from emorl_pl.export import export_policy
 from emorl_pl.modules.families import family_for
-from emorl_pl.modules.fused_decode import FusedDecodeStep, unsupported
-from emorl_pl.modules.grpo_module import GRPOModule
+from emorl_pl.modules.fused_decode import unsupported
 from emorl_pl.modules.hub_layout import hub_key_map, hub_layout_problems, saved_weight_names
-from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
-from emorl_pl.modules.sampling import fusion_allowed, loop_supported, shared_prefill
-
-SR = 16000
-G = 2
-INSTRUCTION = "What is the emotion of the speaker?"
-LABELS = ["neutral", "happy", "angry", "sad"]
+from emorl_pl.modules.policy import AudioLMPolicy
+from emorl_pl.modules.sampling import fusion_allowed, loop_supported
 
 # nvidia/audio-flamingo-3-hf: config.json as convert_audioflamingo3_to_hf.py writes it (the Qwen2.5 ids, the
 # <sound> id of AudioFlamingo3Config, 151,672 rows), the template's system turn.
@@ -53,21 +57,6 @@ HF_RENDERED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                f"<|im_start|>user\n<sound>{HF_QUESTION}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def _waves(lengths=(8000, 24000), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [0.1 * torch.randn(n, generator=g) for n in lengths]
-
-
-def _perturbed_lora_policy(model_dir: str, **kwargs) -> AudioLMPolicy:
-    policy = AudioLMPolicy(model_dir, lora=LoraSettings(r=4, alpha=8), **kwargs).load()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_" in name:  # B = 0 at init would leave the adapters without effect
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return policy
-
-
 @pytest.fixture(scope="module")
 def processor(audioflamingo3_model_dir):
     return family_for("audioflamingo3").load_processor(audioflamingo3_model_dir)
@@ -75,22 +64,13 @@ def processor(audioflamingo3_model_dir):
 
 @pytest.fixture(scope="module")
 def lora_policy(audioflamingo3_model_dir) -> AudioLMPolicy:
-    return _perturbed_lora_policy(audioflamingo3_model_dir)
+    return perturbed_lora_policy(audioflamingo3_model_dir)
 
 
 def _model_logits(model, prompts, rollout):
     """The model's own forward (its tower, projector and merge) on prompt + completion, at the positions
     ``generate`` gives a left-padded batch (cumsum(mask) - 1)."""
-    utt = torch.arange(len(rollout)) // rollout.group_size
-    completion = rollout.completion_ids
-    ids = torch.cat([prompts.input_ids[utt], completion], 1)
-    attention = torch.cat([prompts.attention_mask[utt], torch.ones_like(completion)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
-                       input_features=prompts.input_features[utt],
-                       input_features_mask=prompts.feature_attention_mask[utt]).logits
-    p, t = prompts.input_ids.shape[1], completion.shape[1]
-    return logits[:, p - 1 : p + t - 1].double()
+    return full_sequence_logits(model, prompts, rollout, feature_mask="input_features_mask", generate_positions=True)
 
 
 # ------------------------------------------------------------------------------------------ the files
@@ -159,7 +139,7 @@ def test_processor_pads_windows_to_the_encoder_and_expands_sound(processor):
 
 
 def test_prompts_crop_to_the_window(lora_policy):
-    prompts = lora_policy.build_prompts(_waves((8000, 40 * SR)), SR, INSTRUCTION)
+    prompts = lora_policy.build_prompts(waves((8000, 40 * SR)), SR, INSTRUCTION)
     assert prompts.seconds_ignored == (0.0, 10.0)
     assert (prompts.input_ids == 151669).sum(-1).tolist() == [12, 750]  # 50 frames: ((50 - 1)//2 + 1 - 2)//2 + 1
     assert all(t.count("<sound>") == 1 for t in prompts.texts)  # what vLLM gets: one placeholder per audio
@@ -175,12 +155,11 @@ def test_policy_log_probs_greedy_and_reference_match_the_model(audioflamingo3_mo
     # LoRA only in the language model (the audio tower also has q_proj/k_proj/v_proj)
     lora_names = [n for n, _ in lora_policy.named_parameters() if "lora_" in n]
     assert lora_names and all(".language_model." in n for n in lora_names)
-    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go"])
+    prompts = lora_policy.build_prompts(waves(), SR, INSTRUCTION, texts=[None, "let me go"])
     assert prompts.attention_mask[0, 0] == 0  # the shorter prompt is left-padded
     torch.manual_seed(1)
     rollout = lora_policy.rollout(prompts, G, max_new_tokens=6, temperature=1.3)
-    expected = torch.log_softmax(_model_logits(lora_policy.hf_model, prompts, rollout), -1)
-    expected = expected.gather(-1, rollout.completion_ids[..., None])[..., 0]
+    expected = token_logps(_model_logits(lora_policy.hf_model, prompts, rollout), rollout.completion_ids)
     torch.testing.assert_close(lora_policy.completion_logps(rollout).double(), expected, atol=1e-5, rtol=1e-5)
     # greedy decoding (the fused step) follows the model's argmax
     greedy = lora_policy.rollout(prompts, 1, do_sample=False, max_new_tokens=6)
@@ -190,35 +169,10 @@ def test_policy_log_probs_greedy_and_reference_match_the_model(audioflamingo3_mo
     # the reference (adapters off) is the released base model
     base = AudioFlamingo3ForConditionalGeneration.from_pretrained(audioflamingo3_model_dir,
                                                                   attn_implementation="sdpa").eval()
-    ref = torch.log_softmax(_model_logits(base, prompts, rollout), -1).gather(-1, rollout.completion_ids[..., None])
-    torch.testing.assert_close(lora_policy.completion_logps(rollout, reference=True).double(), ref[..., 0], atol=1e-5,
+    ref = token_logps(_model_logits(base, prompts, rollout), rollout.completion_ids)
+    torch.testing.assert_close(lora_policy.completion_logps(rollout, reference=True).double(), ref, atol=1e-5,
                                rtol=1e-5)
-    assert (ref[..., 0] - expected).abs().max() > 1e-2  # the adapters change the policy
-
-
-def _decode_both(policy, pe, merge, group_size=2, steps=5):
-    """The same tokens through the decoder's forward and FusedDecodeStep: per-step logits of each."""
-    hf = policy.hf_model
-    decoder, embed = policy.family.decoder(hf), policy.family.embed(hf)
-    mask = pe.attention_mask.repeat_interleave(group_size, 0)
-    n, p = mask.shape
-    attention = torch.cat([mask, mask.new_ones(n, steps)], 1)
-    position = mask.long().sum(-1, keepdim=True) - 1
-    tokens = torch.randint(0, 151643, (n, steps), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        shared = shared_prefill(hf, policy.family, pe, 1)
-        fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,
-                                merge=merge, repeat=group_size)
-        cache = shared_prefill(hf, policy.family, pe, group_size)
-        x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
-        expected, got = [], []
-        for t in range(steps):
-            hidden = decoder(inputs_embeds=x, attention_mask=attention[:, : p + t], position_ids=position + t,
-                             past_key_values=cache, use_cache=True).last_hidden_state
-            expected.append(hf.lm_head(hidden[:, -1]).float())
-            got.append(fused(x, position + t))
-            x = embed(tokens[:, t]).unsqueeze(1)
-    return torch.stack(expected, 1), torch.stack(got, 1)
+    assert (ref - expected).abs().max() > 1e-2  # the adapters change the policy
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapters", "merged"])
@@ -227,43 +181,23 @@ def test_fused_decode_serves_af3_and_equals_the_decoder_forward(lora_policy, mer
     decoder = lora_policy.family.decoder(hf)
     assert type(decoder).__name__ == "Qwen2Model"
     assert unsupported(decoder, hf.lm_head) is None and fusion_allowed(decoder, hf.lm_head, "adapters")
-    pe = lora_policy.encode_prompts(lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go"]))
+    pe = lora_policy.encode_prompts(lora_policy.build_prompts(waves(), SR, INSTRUCTION, texts=[None, "let me go"]))
     assert loop_supported(decoder, pe)
     hf.eval()
     try:
-        expected, got = _decode_both(lora_policy, pe, merge)
+        expected, got = decode_both(lora_policy, pe, merge)
     finally:
         hf.train()
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)  # test_fused_decode.py's tolerance
 
 
 # ------------------------------------------------------------------------------------------ training
-def _batches(n, B=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"waveforms": [0.1 * torch.randn(12000 + 2000 * j, generator=g) for j in range(B)], "sample_rate": SR,
-             "labels": [LABELS[(i + j) % 4] for j in range(B)], "keys": [f"u{i}_{j}" for j in range(B)],
-             "texts": [None] * B, "corpus": ["mem"] * B, "meta": [{} for _ in range(B)]} for i in range(n)]
-
-
 def test_cold_start_grpo_validation_prediction_and_export(audioflamingo3_model_dir, tmp_path):
     from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
 
-    module = GRPOModule(_perturbed_lora_policy(audioflamingo3_model_dir), labels="iemocap4",
-                        rewards={"format": 1.0, "accuracy": 1.0}, group_size=G, max_new_tokens=6, micro_batch_size=4,
-                        beta=0.04, sft_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainable = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    trainer.fit(module, DataLoader(_batches(2), batch_size=None))
-    metrics = trainer.callback_metrics
-    assert torch.isfinite(metrics["sft/loss"]) and torch.isfinite(metrics["loss"]) and "kl" in metrics
-    assert any(not torch.equal(p, trainable[n]) for n, p in module.policy.named_parameters() if n in trainable)
-
-    evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    evaluator.validate(module, DataLoader(_batches(1, seed=3), batch_size=None), verbose=False)
-    assert 0.0 <= float(evaluator.callback_metrics["val/wa"]) <= 1.0
-    assert 0.0 <= float(evaluator.callback_metrics["val/format_rate"]) <= 1.0
-    rows = module.predict_step({"waveforms": _waves((8000, 31 * SR)), "sample_rate": SR, "keys": ["a.wav", "b.wav"]}, 0)
+    module = grpo_module(perturbed_lora_policy(audioflamingo3_model_dir))
+    fit_cold_start_grpo_and_validate(module)
+    rows = module.predict_step({"waveforms": waves((8000, 31 * SR)), "sample_rate": SR, "keys": ["a.wav", "b.wav"]}, 0)
     assert [r["key"] for r in rows] == ["a.wav", "b.wav"] and all(isinstance(r["text"], str) for r in rows)
     assert [r["seconds_ignored"] for r in rows] == [0.0, 1.0]
 
@@ -276,7 +210,7 @@ def test_cold_start_grpo_validation_prediction_and_export(audioflamingo3_model_d
     processor = family_for("audioflamingo3").load_processor(out)
     assert processor.tokenizer.get_vocab() == module.policy.processor.tokenizer.get_vocab()
     assert processor.chat_template == module.policy.processor.chat_template
-    prompts = module.policy.build_prompts(_waves((12000,)), SR, INSTRUCTION)
+    prompts = module.policy.build_prompts(waves((12000,)), SR, INSTRUCTION)
     inputs = dict(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                   input_features=prompts.input_features, input_features_mask=prompts.feature_attention_mask)
     with torch.no_grad():
@@ -336,7 +270,7 @@ def test_toy_builds_loads_and_rolls_out(tmp_path):
     tok = policy.processor.tokenizer
     assert len(tok) <= policy.hf_model.config.text_config.vocab_size == 1024  # the BPE runs out of merges first
     assert tok.convert_tokens_to_ids("<sound>") == policy.hf_model.config.audio_token_id
-    prompts = policy.build_prompts(_waves((8000, 3 * SR)), SR, INSTRUCTION)
+    prompts = policy.build_prompts(waves((8000, 3 * SR)), SR, INSTRUCTION)
     assert prompts.input_features.shape[-1] == 200 and prompts.seconds_ignored == (0.0, 1.0)  # the 2 s window
     assert (prompts.input_ids == tok.convert_tokens_to_ids("<sound>")).sum(-1).tolist() == [12, 50]
     rollout = policy.rollout(prompts, 2, max_new_tokens=4)

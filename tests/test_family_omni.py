@@ -22,21 +22,28 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from family_helpers import (
+    INSTRUCTION,
+    SR,
+    G,
+    batches,
+    decode_both,
+    fit_cold_start_grpo_and_validate,
+    full_sequence_logits,
+    grpo_module,
+    perturbed_lora_policy,
+    token_logps,
+    waves,
+)
 from torch.utils.data import DataLoader
 
 from emorl_pl.export import export_policy
 from emorl_pl.modules.families import family_for
-from emorl_pl.modules.fused_decode import FusedDecodeStep, unsupported
+from emorl_pl.modules.fused_decode import unsupported
 from emorl_pl.modules.grpo_module import GRPOModule
 from emorl_pl.modules.hub_layout import hub_layout_problems, hub_tensors, published_names, saved_weight_names
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
-from emorl_pl.modules.sampling import shared_prefill
 from emorl_pl.modules.tiny import QWEN3_OMNI_CHAT_TEMPLATE
-
-SR = 16000
-G = 2
-INSTRUCTION = "What is the emotion of the speaker?"
-LABELS = ["neutral", "happy", "angry", "sad"]
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,8 @@ QWEN2_5_OMNI = Release(
 )
 
 # Qwen3-Omni-30B-A3B-Instruct (huggingface.co/Qwen/Qwen3-Omni-30B-A3B-Instruct): config.json's thinker_config
-# ids and text_config (128 experts, 8 per token), the tokenizer's added tokens. Its chat_template.json could
-# not be found verbatim from here: the builder's stand-in is checked as what it is (tiny.QWEN3_OMNI_CHAT_TEMPLATE).
+# ids and text_config (128 experts, 8 per token), the tokenizer's added tokens. Its chat_template.json is
+# tiny.QWEN3_OMNI_CHAT_TEMPLATE, verbatim (provenance and the rendered prompt: tests/test_model_provenance.py).
 QWEN3_OMNI = Release(
     fixture="qwen3_omni_model_dir",
     model_type="qwen3_omni_moe",
@@ -150,43 +157,15 @@ def omni(request) -> tuple[Release, str]:
     return release, request.getfixturevalue(release.fixture)
 
 
-def _waves(lengths=(8000, 24000), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [0.1 * torch.randn(n, generator=g) for n in lengths]
-
-
-def _perturbed_lora_policy(model_dir: str, **kwargs) -> AudioLMPolicy:
-    policy = AudioLMPolicy(model_dir, lora=LoraSettings(r=4, alpha=8), **kwargs).load()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_" in name:  # B = 0 at init would leave the adapters without effect
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return policy
-
-
 @pytest.fixture(scope="module")
 def lora_policy(omni) -> AudioLMPolicy:
-    return _perturbed_lora_policy(omni[1])
+    return perturbed_lora_policy(omni[1])
 
 
 @pytest.fixture(scope="module")
 def prompts(lora_policy):
     """Two utterances (0.5 s, 1.5 s), one with a transcript: uneven left padding, real 300 s feature windows."""
-    return lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go"])
-
-
-def _thinker_logits(model, prompts, rollout):
-    """The thinker's own forward (its audio merge, its multimodal positions) on prompt + completion."""
-    utt = torch.arange(len(rollout)) // rollout.group_size
-    completion = rollout.completion_ids
-    ids = torch.cat([prompts.input_ids[utt], completion], 1)
-    attention = torch.cat([prompts.attention_mask[utt], torch.ones_like(completion)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention, input_features=prompts.input_features[utt],
-                       feature_attention_mask=prompts.feature_attention_mask[utt]).logits
-    p, t = prompts.input_ids.shape[1], completion.shape[1]
-    return logits[:, p - 1 : p + t - 1].double()
+    return lora_policy.build_prompts(waves(), SR, INSTRUCTION, texts=[None, "let me go"])
 
 
 # ------------------------------------------------------------------------------------------ the files
@@ -315,20 +294,20 @@ def test_policy_log_probs_and_greedy_decode_match_the_thinker(omni, lora_policy,
     assert not any(".mlp.experts" in n for n in trainable)  # MoE: adapters on attention, not the fused experts
     torch.manual_seed(1)
     rollout = lora_policy.rollout(prompts, G, max_new_tokens=6, temperature=1.3)
-    expected = torch.log_softmax(_thinker_logits(lora_policy.hf_model, prompts, rollout), -1)
-    expected = expected.gather(-1, rollout.completion_ids[..., None])[..., 0]
+    # the thinker's own forward (its audio merge, its multimodal positions) on prompt + completion
+    expected = token_logps(full_sequence_logits(lora_policy.hf_model, prompts, rollout), rollout.completion_ids)
     torch.testing.assert_close(lora_policy.completion_logps(rollout).double(), expected, atol=1e-5, rtol=1e-5)
     # greedy decoding (the fused step) follows the thinker's argmax
     greedy = lora_policy.rollout(prompts, 1, do_sample=False, max_new_tokens=6)
-    argmax = _thinker_logits(lora_policy.hf_model, prompts, greedy).argmax(-1)
+    argmax = full_sequence_logits(lora_policy.hf_model, prompts, greedy).argmax(-1)
     keep = greedy.completion_mask.bool()
     assert torch.equal(greedy.completion_ids[keep], argmax[keep]) and keep.sum() > 2
 
 
 def test_moe_router_experts_and_load_balancing_loss(qwen3_omni_model_dir):
     """Qwen3-Omni's MoE layers: the release's router (a linear map to all 128 experts, top-8, renormalised),
-    saved one tensor per expert as published; the router's auxiliary loss is off as the release sets it, equals
-    transformers' own when asked for, and a config that turns it on is refused (the GRPO loss does not add it)."""
+    saved one tensor per expert as published; the router's auxiliary loss is off as the release sets it and equals
+    transformers' own when asked for (tests/test_router_aux_loss.py: the trainer adding it)."""
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(qwen3_omni_model_dir).eval()
@@ -366,34 +345,8 @@ def test_moe_router_experts_and_load_balancing_loss(qwen3_omni_model_dir):
     aux = family.router_aux_loss(thinker, logits, mask)
     assert len(logits) == len(thinker.model.layers) and logits[0].shape == (ids.numel(), 128)
     torch.testing.assert_close(aux, expected) and float(aux) > 0
-    text.output_router_logits = True
-    with pytest.raises(NotImplementedError, match="output_router_logits is true"):
-        family.check_model(thinker)
-
-
-def _decode_both(policy, pe, merge, group_size=2, steps=5):
-    """The same tokens through the decoder's forward and FusedDecodeStep: per-step logits of each."""
-    hf = policy.hf_model
-    decoder, embed = policy.family.decoder(hf), policy.family.embed(hf)
-    mask = pe.attention_mask.repeat_interleave(group_size, 0)
-    n, p = mask.shape
-    attention = torch.cat([mask, mask.new_ones(n, steps)], 1)
-    position = mask.long().sum(-1, keepdim=True) - 1
-    tokens = torch.randint(0, 151643, (n, steps), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        shared = shared_prefill(hf, policy.family, pe, 1)
-        fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,
-                                merge=merge, repeat=group_size)
-        cache = shared_prefill(hf, policy.family, pe, group_size)
-        x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
-        expected, got = [], []
-        for t in range(steps):
-            hidden = decoder(inputs_embeds=x, attention_mask=attention[:, : p + t], position_ids=position + t,
-                             past_key_values=cache, use_cache=True).last_hidden_state
-            expected.append(hf.lm_head(hidden[:, -1]).float())
-            got.append(fused(x, position + t))
-            x = embed(tokens[:, t]).unsqueeze(1)
-    return torch.stack(expected, 1), torch.stack(got, 1)
+    text.output_router_logits = True  # the flag is no refusal: the trainer's router_aux_loss_coef decides (TRL's)
+    family.check_model(thinker)
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapters", "merged"])
@@ -403,40 +356,20 @@ def test_fused_decode_equals_the_decoder_forward(lora_policy, prompts, merge):
     pe = lora_policy.encode_prompts(prompts)
     hf.eval()
     try:
-        expected, got = _decode_both(lora_policy, pe, merge)
+        expected, got = decode_both(lora_policy, pe, merge)
     finally:
         hf.train()
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)  # the Qwen2-Audio step's tolerance
 
 
 # ------------------------------------------------------------------------------------------ training
-def _batches(n, B=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"waveforms": [0.1 * torch.randn(12000 + 2000 * j, generator=g) for j in range(B)], "sample_rate": SR,
-             "labels": [LABELS[(i + j) % 4] for j in range(B)], "keys": [f"u{i}_{j}" for j in range(B)],
-             "texts": [None] * B, "corpus": ["mem"] * B, "meta": [{} for _ in range(B)]} for i in range(n)]
-
-
 def test_cold_start_grpo_validation_prediction_and_export(omni, tmp_path):
     import transformers
 
     release, model_dir = omni
-    module = GRPOModule(_perturbed_lora_policy(model_dir), labels="iemocap4", rewards={"format": 1.0, "accuracy": 1.0},
-                        group_size=G, max_new_tokens=6, micro_batch_size=4, beta=0.04, sft_steps=1,
-                        optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainable = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    trainer.fit(module, DataLoader(_batches(2), batch_size=None))
-    metrics = trainer.callback_metrics
-    assert torch.isfinite(metrics["sft/loss"]) and torch.isfinite(metrics["loss"]) and "kl" in metrics
-    assert any(not torch.equal(p, trainable[n]) for n, p in module.policy.named_parameters() if n in trainable)
-
-    evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    evaluator.validate(module, DataLoader(_batches(1, seed=3), batch_size=None), verbose=False)
-    assert 0.0 <= float(evaluator.callback_metrics["val/wa"]) <= 1.0
-    assert 0.0 <= float(evaluator.callback_metrics["val/format_rate"]) <= 1.0
-    rows = module.predict_step({"waveforms": _waves((8000, 40 * SR // 100)), "sample_rate": SR,
+    module = grpo_module(perturbed_lora_policy(model_dir))
+    fit_cold_start_grpo_and_validate(module)
+    rows = module.predict_step({"waveforms": waves((8000, 40 * SR // 100)), "sample_rate": SR,
                                 "keys": ["a.wav", "b.wav"]}, 0)
     assert [r["key"] for r in rows] == ["a.wav", "b.wav"] and all(isinstance(r["text"], str) for r in rows)
 
@@ -448,7 +381,7 @@ def test_cold_start_grpo_validation_prediction_and_export(omni, tmp_path):
     processor = family_for(release.model_type).load_processor(out)
     assert processor.tokenizer.get_vocab() == module.policy.processor.tokenizer.get_vocab()
     assert processor.chat_template == release.chat_template
-    prompts = module.policy.build_prompts(_waves((12000,)), SR, INSTRUCTION)
+    prompts = module.policy.build_prompts(waves((12000,)), SR, INSTRUCTION)
     inputs = dict(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                   input_features=prompts.input_features, feature_attention_mask=prompts.feature_attention_mask)
     with torch.no_grad():
@@ -458,35 +391,45 @@ def test_cold_start_grpo_validation_prediction_and_export(omni, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def _fsdp2_worker(rank: int, model_dir: str, out: str, port: int) -> None:
+def _fsdp2_worker(rank: int, model_dirs: dict[str, str], out: str, port: int) -> None:
     """One rank of a 2-process FSDP2 run (gloo), launched as torchrun would (Lightning joins, launches nothing):
-    one cold-start step, then one GRPO step, each rank on its own batches."""
+    per release, one after the other in the same process group, one cold-start step, then one GRPO step, each
+    rank on its own batches."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), GROUP_RANK="0", LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="omni")
     torch.set_num_threads(1)
     from emorl_pl.strategies import FSDP2Strategy
 
-    module = GRPOModule(AudioLMPolicy(model_dir, lora=LoraSettings(r=4, alpha=8)), labels="iemocap4",
-                        rewards={"format": 1.0, "accuracy": 1.0}, group_size=G, max_new_tokens=6, micro_batch_size=4,
-                        beta=0.04, sft_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=FSDP2Strategy(), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, use_distributed_sampler=False)
-    trainer.fit(module, DataLoader(_batches(2, seed=rank), batch_size=None))
-    params = dict(module.policy.named_parameters())
-    lora = {n: p.full_tensor().tolist() for n, p in params.items() if p.requires_grad}  # a collective: all ranks
-    record = {"loss": float(trainer.callback_metrics["loss"]), "sft": float(trainer.callback_metrics["sft/loss"]),
-              "sharded": all(type(p).__name__ == "DTensor" for p in params.values()), "lora": lora,
-              "local_rows": params[next(n for n in params if n.endswith("embed_tokens.weight"))].to_local().shape[0],
-              "local_experts": [p.to_local().shape[0] for n, p in params.items() if n.endswith("gate_up_proj")]}
-    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    for name, model_dir in model_dirs.items():
+        module = GRPOModule(AudioLMPolicy(model_dir, lora=LoraSettings(r=4, alpha=8)), labels="iemocap4",
+                            rewards={"format": 1.0, "accuracy": 1.0}, group_size=G, max_new_tokens=6,
+                            micro_batch_size=4, beta=0.04, sft_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=FSDP2Strategy(), logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, use_distributed_sampler=False)
+        trainer.fit(module, DataLoader(batches(2, seed=rank), batch_size=None))
+        params = dict(module.policy.named_parameters())
+        lora = {n: p.full_tensor().tolist() for n, p in params.items() if p.requires_grad}  # a collective: all ranks
+        record = {"loss": float(trainer.callback_metrics["loss"]), "sft": float(trainer.callback_metrics["sft/loss"]),
+                  "sharded": all(type(p).__name__ == "DTensor" for p in params.values()), "lora": lora,
+                  "local_rows": params[next(n for n in params if n.endswith("embed_tokens.weight"))].to_local().shape[0],
+                  "local_experts": [p.to_local().shape[0] for n, p in params.items() if n.endswith("gate_up_proj")]}
+        Path(out, f"{name}_rank{rank}.json").write_text(json.dumps(record))
 
 
-def test_fsdp2_cold_start_and_grpo_step_on_two_processes(omni, tmp_path):
-    release, model_dir = omni
+@pytest.fixture(scope="module")
+def fsdp2_records(request, tmp_path_factory) -> dict[str, list[dict]]:
+    """One 2-process launch for both releases (the processes' imports and process group paid once)."""
+    out = tmp_path_factory.mktemp("omni_fsdp2")
+    dirs = {release.model_type: request.getfixturevalue(release.fixture) for release in RELEASES}
     port = 29500 + (os.getpid() + 7) % 1000
-    mp.start_processes(_fsdp2_worker, args=(model_dir, str(tmp_path), port), nprocs=2, start_method="spawn")
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    mp.start_processes(_fsdp2_worker, args=(dirs, str(out), port), nprocs=2, start_method="spawn")
+    return {name: [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in (0, 1)] for name in dirs}
+
+
+def test_fsdp2_cold_start_and_grpo_step_on_two_processes(omni, fsdp2_records):
+    release, model_dir = omni
+    records = fsdp2_records[release.model_type]
     for record in records:
         assert record["sharded"] and record["local_rows"] == release.vocab_rows // 2  # each rank holds half
         # the experts are sharded with their layer: half of each layer's experts on each rank

@@ -144,17 +144,23 @@ def test_last_ckpt_is_the_latest_step_when_the_monitor_does_not_improve(tmp_path
     assert len(best) == 1 and torch.load(best[0], weights_only=False)["global_step"] == 2
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_sparse_run(tmp_path_factory) -> Path:
+    """The 5-step run without interruption (and no checkpoint event) that both signals' runs are compared with."""
+    full = tmp_path_factory.mktemp("uninterrupted")
+    run_emorl(fit_args(full, 5, []) + ["-c", str(_override(full / "sparse.yaml", SPARSE_CHECKPOINTS))], full)
+    return full
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_interrupt_writes_last_and_resume_equals_the_uninterrupted_run(tmp_path, signal_name):
+def test_interrupt_writes_last_and_resume_equals_the_uninterrupted_run(tmp_path, signal_name, uninterrupted_sparse_run):
     """Ctrl-C / SIGTERM after step 2 of 5, with no checkpoint event in the run: the run stops at once with a
     non-zero exit, ``last.ckpt`` holds step 2, and ``--ckpt_path last`` ends with bitwise the weights and
     optimizer state of an uninterrupted run. Before: Ctrl-C left no checkpoint, and SIGTERM on one process
     ran on to the end of the epoch."""
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    for d in (full, cut):
-        d.mkdir()
+    full, cut = uninterrupted_sparse_run, tmp_path / "cut"
+    cut.mkdir()
     sparse = _override(tmp_path / "sparse.yaml", SPARSE_CHECKPOINTS)
-    run_emorl(fit_args(full, 5, []) + ["-c", str(sparse)], full)
     stop = _override(tmp_path / "stop.yaml", f"""
         trainer:
           callbacks+:
@@ -319,8 +325,7 @@ def test_every_shipped_config_saves_atomically_with_last_at_every_event(tmp_path
     args = (["-c", str(REPO / "tests/configs/tiny_grpo.yaml")] if "trainer/" in config else []) + ["-c", str(REPO / config)]
     args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
              "--trainer.precision", "32-true", "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    if "quickstart" not in config:
-        args += ["--model.init_args.policy.init_args.model_dir", toy_model_dir]
+    args += ["--model.init_args.policy.init_args.model_dir", toy_model_dir]
     trainer = EmoRLCLI(GRPOModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        args=args, run=False).trainer
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -6,6 +6,7 @@ instead."""
 import pytest
 import torch
 import torch.nn.functional as F
+from family_helpers import INSTRUCTION, SR, decode_both, perturb_lora, waves
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -13,54 +14,25 @@ from emorl_pl.modules.fused_decode import FusedDecodeStep, effective_linear, uns
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
 from emorl_pl.modules.sampling import shared_prefill
 
-SR = 16000
-INSTRUCTION = "What is the emotion of the speaker?"
-
 
 @pytest.fixture(scope="module")
 def policy(real_model_dir):
-    policy = AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)).load()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_" in name:  # B = 0 at init would make "merged" trivially equal to the base
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    # perturbed adapters: B = 0 at init would make "merged" trivially equal to the base
+    policy = perturb_lora(AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)).load())
     policy.hf_model.eval()
     return policy
 
 
 def _prompt_embeds(policy):
-    g = torch.Generator().manual_seed(0)
-    waves = [0.1 * torch.randn(n, generator=g) for n in (8000, 24000, 40000)]
-    prompts = policy.build_prompts(waves, SR, INSTRUCTION, texts=[None, "let me go", None])
+    prompts = policy.build_prompts(waves((8000, 24000, 40000)), SR, INSTRUCTION, texts=[None, "let me go", None])
     assert len(set((prompts.attention_mask == 0).sum(-1).tolist())) > 1  # uneven left padding
     return policy.encode_prompts(prompts)
 
 
-def _decode_both(policy, merge=False, pe=None, group_size=2, steps=6, seed=0, pack_lm_head=None):
-    """Feed the same random tokens through the module forward and FusedDecodeStep; per-step logits of each."""
-    hf = policy.hf_model
-    decoder, embed = hf.get_decoder(), hf.get_input_embeddings()
+def _decode_both(policy, merge=False, pe=None, pack_lm_head=None):
+    """The module forward and FusedDecodeStep on the same 6 random tokens (family_helpers.decode_both)."""
     pe = pe if pe is not None else _prompt_embeds(policy)
-    mask = pe.attention_mask.repeat_interleave(group_size, 0)
-    n, p = mask.shape
-    attention = torch.cat([mask, mask.new_ones(n, steps)], 1)
-    position = mask.long().sum(-1, keepdim=True) - 1
-    tokens = torch.randint(0, 151643, (n, steps), generator=torch.Generator().manual_seed(seed))  # text ids
-    with torch.no_grad():
-        shared = shared_prefill(hf, policy.family, pe, 1)  # B rows: the fused step repeats each G times itself
-        fused = FusedDecodeStep(decoder, hf.lm_head, [(c.keys, c.values) for c in shared.layers], attention,
-                                merge=merge, repeat=group_size, pack_lm_head=pack_lm_head)
-        cache = shared_prefill(hf, policy.family, pe, group_size)  # B*G rows, for the module forward
-        x = pe.inputs_embeds[:, -1:].repeat_interleave(group_size, 0)
-        expected, got = [], []
-        for t in range(steps):
-            hidden = decoder(inputs_embeds=x, attention_mask=attention[:, : p + t], position_ids=position + t,
-                             past_key_values=cache, use_cache=True).last_hidden_state
-            expected.append(hf.lm_head(hidden[:, -1]).float())
-            got.append(fused(x, position + t))
-            x = embed(tokens[:, t]).unsqueeze(1)
-    return torch.stack(expected, 1), torch.stack(got, 1)
+    return decode_both(policy, pe, merge, steps=6, pack_lm_head=pack_lm_head)
 
 
 @pytest.mark.parametrize("merge", [False, True])

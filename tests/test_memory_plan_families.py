@@ -21,6 +21,9 @@ from emorl_pl.memory_plan import (
     PlanSettings,
     audio_params,
     audio_tokens,
+    feature_extraction_bytes,
+    feature_frames,
+    feature_samples,
     lm_layer_params,
     lm_params,
     lora_adapted_targets,
@@ -142,6 +145,57 @@ def dataclasses_replace_settings(s: PlanSettings, **changes) -> PlanSettings:
     return dataclasses.replace(s, **changes)
 
 
+# ------------------------------------------------------------------------------------------ the feature window
+def test_feature_extraction_bytes_by_hand():
+    """Qwen2.5-Omni's 300 s window: N = 4,800,000 samples, F = 30,000 frames, K = 201 frequencies, M = 128 mels.
+    Padding: waveform + int32 mask, 8 N; the STFT moment: centre-padded 4 (N + 400), frames 4 x 400 x (F + 1),
+    spectrum 8 K (F + 1); the log-mel moment: spectrum + power 4 K F + mel and three log-mel arrays 4 x 4 M F."""
+    g = geometry_from_config(OMNI_JSON)
+    assert (g.feature_seconds, g.features_padded_to_window, g.sampling_rate, g.hop_length, g.n_fft) == (
+        300.0, True, 16000, 160, 400)
+    assert feature_samples(g, 4.0) == 4_800_000 and feature_frames(g, 4.0) == 30_000
+    stft = 4 * 4_800_400 + 4 * 400 * 30_001 + 8 * 201 * 30_001
+    after = 8 * 201 * 30_001 + 4 * 201 * 30_000 + 16 * 128 * 30_000
+    assert after > stft
+    assert feature_extraction_bytes(g, 4.0) == (8 * 4_800_000 + after, 4 * 128 * 30_000 + 4 * 4_800_000)
+    assert feature_extraction_bytes(g, 4.0)[0] == 172_201_608  # 164.2 MiB
+    # Qwen3-Omni pads to the longest clip: 4 s is 64,000 samples, 400 frames; past the window, the window.
+    moe = geometry_from_config(MOE_JSON)
+    assert not moe.features_padded_to_window and moe.feature_seconds == 300.0
+    assert (feature_samples(moe, 4.0), feature_frames(moe, 4.0), feature_frames(moe, 400.0)) == (64_000, 400, 30_000)
+    # Qwen2-Audio and AF3: the encoder's 30 s window (WhisperFeatureExtractor's chunk_length).
+    assert feature_frames(geometry_from_config(AF3_JSON), 4.0) == 3000
+    # On a GPU: the features held on the device, the extraction a host-RAM note; on the CPU a stage.
+    s = PlanSettings(batch_size=2, group_size=2, prompt_tokens=300, max_new_tokens=8, micro_batch_size=4, lora_rank=4)
+    gpu, cpu = plan(g, s), plan(g, dataclasses_replace_settings(s, device="cpu"))
+    assert gpu.piece("prompt audio features").bytes == 2 * (128 * 30_000 * 4 + 4 * 30_000)
+    assert any("host RAM while building a batch's prompts: 2 x 164 MiB" in n for n in gpu.notes)
+    assert "prompt features (feature extractor)" not in [x.name for x in gpu.stages]
+    assert cpu.piece("prompt audio features").bytes == 2 * (128 * 30_000 * 4 + 4 * 4_800_000)
+    assert cpu.piece("feature extraction temporaries").bytes == 2 * (172_201_608 - 128 * 30_000 * 4 - 4 * 4_800_000)
+
+
+@pytest.mark.parametrize("fixture", ["real_model_dir", "audioflamingo3_model_dir", "qwen2_5_omni_model_dir",
+                                     "qwen3_omni_model_dir"])
+def test_feature_window_and_padding_are_the_processors(request, fixture):
+    """The plan's feature frames per clip (window, padding, hop) against what each family's processor makes of a
+    1 s and a 4 s clip in the policy's prompts (``prompting.build_prompts``), read from the test model's folder."""
+    import torch
+
+    from emorl_pl.modules.families import family_for
+    from emorl_pl.modules.prompting import build_prompts
+
+    model_dir = Path(request.getfixturevalue(fixture))
+    g = geometry_from_config(model_dir / "config.json")
+    processor = family_for(json.loads((model_dir / "config.json").read_text())["model_type"]).load_processor(model_dir)
+    waves = [0.1 * torch.randn(n, generator=torch.Generator().manual_seed(0)) for n in (16000, 64000)]
+    prompts = build_prompts(processor, waves, 16000, "What is the emotion?")
+    assert prompts.input_features.shape[1:] == (g.num_mel_bins, feature_frames(g, 4.0))
+    assert prompts.feature_attention_mask.sum(-1).tolist() == [100, 400]
+    assert processor.feature_extractor.n_samples == round(g.feature_seconds * g.sampling_rate)
+    assert (processor.feature_extractor.hop_length, processor.feature_extractor.n_fft) == (g.hop_length, g.n_fft)
+
+
 # ------------------------------------------------------------------------------------------ 8 x 80 GiB verdicts
 RECIPES = {
     "audioflamingo3": ("emorl_audioflamingo3.yaml", AF3_JSON),
@@ -179,7 +233,8 @@ def _cpu_settings(shape: dict, geometry: ModelGeometry, prompt_tokens: int) -> P
     return PlanSettings(
         batch_size=shape["B"], group_size=shape["G"], max_new_tokens=shape["T"], micro_batch_size=shape["m"],
         prompt_tokens=prompt_tokens, lora_rank=shape["lora_r"] or None, lora_dropout=shape.get("lora_dropout", 0.0),
-        gradient_checkpointing=shape.get("ckpt", False), beta=0.04, precision="32-true", device="cpu")
+        gradient_checkpointing=shape.get("ckpt", False), beta=0.04, precision="32-true", device="cpu",
+        audio_seconds=shape["seconds"])
 
 
 def _measure(shapes: list[dict]) -> list[dict]:
@@ -262,14 +317,11 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [
-    # Known gap (issue 20, left open): the Qwen2.5-Omni processor pads every utterance to its 300 s feature window
-    # (input_features (B, 128, 30000)), and its host-side feature extraction inside the measured step adds
-    # ~170 MiB per utterance (LoRA r4 B2: measured 411 MiB, plan 159); host memory, which the GPU plan does not
-    # count. Strict: this fails once the comparison accounts for it.
-    pytest.param("qwen2_5_omni", marks=pytest.mark.xfail(strict=True, reason="host feature extraction")),
-    "qwen3_omni"])
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni"])
 def test_omni_plan_matches_measured_cpu_peak_within_10_percent(tmp_path, family):
+    """Qwen2.5-Omni's processor pads every clip to its 300 s feature window (input_features (B, 128, 30000)):
+    the step's peak on the CPU is the feature extraction (164 MiB per clip), which the plan's CPU variant
+    counts as a stage (``feature_extraction_bytes``); Qwen3-Omni's pads to the longest clip only."""
     from emorl_pl.modules import tiny
 
     build = {"qwen2_5_omni": tiny.build_real_shape_qwen2_5_omni, "qwen3_omni": tiny.build_real_shape_qwen3_omni}[family]

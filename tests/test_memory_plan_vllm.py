@@ -270,3 +270,25 @@ def test_fused_runs_are_unchanged(capsys, g7b):
         "policy forward+backward: logits", "policy forward+backward: decoder layers", "optimizer step",
         "validation (greedy)"]
     assert p.piece("every FSDP2 unit gathered (hybrid engine)").bytes == N_PARAMS * 2
+
+
+def test_sync_host_ram_note_counts_a_fused_expert_weight_and_its_split(g7b):
+    """The writing rank holds one shard being filled (write_hub_shards' max_shard_bytes) plus the weight being
+    added; a MoE's fused gate-up of all experts is held together with its per-expert split (HubConverter)."""
+    import inspect
+    import re
+
+    from emorl_pl.modules.weight_sync import write_hub_shards
+
+    shard = 1 << 30
+    assert inspect.signature(write_hub_shards).parameters["max_shard_bytes"].default == shard
+
+    def sync_gib(g) -> float:
+        note = next(n for n in plan(g, engine()).notes if n.startswith("host RAM for the engine"))
+        return float(re.search(r"about ([\d.]+) GiB on the writing rank", note).group(1))
+
+    dense = (shard + 156_032 * 4096 * 2) / GiB  # Qwen2-Audio: the embedding (V x D) is the largest, bf16
+    assert sync_gib(g7b) == pytest.approx(dense, abs=0.05)
+    moe = geometry_from_config(ROOT / "configs/model/qwen3_omni_30b_a3b_config.json")
+    fused = 128 * 2 * 768 * 2048  # experts x (gate, up) x moe_intermediate x hidden: 402,653,184 > 152,064 x 2048
+    assert sync_gib(moe) == pytest.approx((shard + 2 * fused * 2) / GiB, abs=0.05)

@@ -223,6 +223,13 @@ def _ranks_worker(rank: int, model_dir: str, out: str, port: int, budget: int, s
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
+def _both_strategies_worker(rank: int, model_dir: str, out: str, port: int, budget: int) -> None:
+    """``_ranks_worker`` under DDP, then under FSDP2, in the same 2 processes (their start-up paid once)."""
+    for strategy in STRATEGIES:
+        Path(out, strategy).mkdir(exist_ok=True)
+        _ranks_worker(rank, model_dir, str(Path(out, strategy)), port, budget, strategy)
+
+
 def _spawn(fn, args: tuple, timeout: float = 240.0) -> None:
     """Start 2 ranks; fail (instead of hanging) if a collective never completes."""
     ctx = mp.start_processes(fn, args=args, nprocs=2, start_method="spawn", join=False)
@@ -234,16 +241,26 @@ def _spawn(fn, args: tuple, timeout: float = 240.0) -> None:
             pytest.fail(f"the ranks did not finish in {timeout:.0f} s (unequal collectives?)")
 
 
+STRATEGIES = ("ddp", "fsdp2")
+BUDGET = 320
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(toy_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_ranks")
+    _spawn(_both_strategies_worker, (toy_model_dir, str(out), free_port(), BUDGET), timeout=480.0)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_with_unequal_lengths_issue_equal_passes_and_match_fixed(toy_model_dir, tmp_path, strategy):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_with_unequal_lengths_issue_equal_passes_and_match_fixed(two_rank_runs, strategy):
     """Rank 0's rows (~1.8 s of audio: ~90 prompt + 10 completion tokens) fit 3 to a pass, rank 1's (~0.1 s:
     ~55 tokens) 5: rank 1 pads its passes with zero-weight ones, so that every rank runs as many forward and
     backward passes (FSDP2 all-gathers in each forward; DDP all-reduces at the last backward); the update
     equals fixed micro-batches'."""
-    budget = 320
-    _spawn(_ranks_worker, (toy_model_dir, str(tmp_path), free_port(), budget, strategy))
-    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    budget = BUDGET
+    runs = [json.loads((two_rank_runs / strategy / f"rank{r}.json").read_text()) for r in (0, 1)]
     token = [r["token"] for r in runs]
     assert len(token[0]["passes"]) == len(token[1]["passes"]) and token[0]["backward"] == token[1]["backward"]
     grad_passes = [[n for n, _, _, grad in t["passes"] if grad] for t in token]

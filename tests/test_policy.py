@@ -9,6 +9,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import Qwen2AudioForConditionalGeneration
 
 import emorl_pl.modules.sampling as sampling_module
+from emorl_pl.grpo import completion_mask
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings, sample_categorical
 
 SR = 16000
@@ -303,22 +304,23 @@ def test_unknown_model_type_is_an_error_even_with_a_model_class(tmp_path):
     # the family (where the audio tower sits) comes from model_type; model_class cannot stand in for it
     with pytest.raises(ValueError, match="model_type 'llama' is not one of .*qwen2_audio.*AudioLMFamily"):
         AudioLMPolicy(str(tmp_path), model_class="transformers.LlamaForCausalLM").load()
-    with pytest.raises(ValueError, match="decoding must be one of"):
-        AudioLMPolicy(str(tmp_path), decoding="hf")
 
 
-def test_build_tiny_if_missing(tmp_path):
-    target = tmp_path / "tiny"
-    policy = AudioLMPolicy(str(target), build_tiny_if_missing=True).load()
-    assert (target / "config.json").is_file() and policy.processor is not None
+def test_missing_model_dir_points_to_the_toy_builder(tmp_path):
+    # the quickstart's toy is built by `emorl-toy-model`, never by the policy on the fly
+    with pytest.raises(FileNotFoundError, match="emorl-toy-model"):
+        AudioLMPolicy(str(tmp_path / "tiny"))
+    assert not (tmp_path / "tiny").exists()
 
 
-def test_shared_prompt_path_equals_full_sequence_path(real_model_dir):
-    # float64: the two paths sum the same terms in different orders; only a real mismatch shows at 1e-5
+def test_shared_prompt_path_equals_full_sequence_forward(real_model_dir):
+    # Oracle: the model's own forward on each selected row's whole sequence (input_ids + input_features), with
+    # its gradients. float64: the two paths sum the same terms in different orders; a real mismatch shows at 1e-5.
     policy = AudioLMPolicy(real_model_dir, lora=LoraSettings(r=4, alpha=8)).load()
     _perturb_lora(policy, seed=7)
     policy.double()
     prompts = policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
+    prompts.input_features = prompts.input_features.double()
     pads = (prompts.attention_mask == 0).sum(-1)
     assert len(set(pads.tolist())) > 1  # uneven left padding across the utterances
     torch.manual_seed(8)
@@ -328,28 +330,39 @@ def test_shared_prompt_path_equals_full_sequence_path(real_model_dir):
     decoder = policy.hf_model.get_decoder()
     hook = decoder.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
-    results = {}
+    mask = rollout.completion_mask[rows]
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        policy.zero_grad()
+        return out
+
     try:
-        for share in (True, False):
-            policy.share_prompt_kv = share
-            seen.clear()
-            policy.zero_grad()
-            logps = policy.completion_logps(rollout, rows, temperature=0.8)
-            (logps * rollout.completion_mask[rows]).sum().backward()
-            grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
-            results[share] = (logps.detach(), grads, sum(b * s for b, s in seen))
+        policy.zero_grad()
+        logps = policy.completion_logps(rollout, rows, temperature=0.8)
+        (logps * mask).sum().backward()
+        shared_grads, shared_tokens = grads(), sum(b * s for b, s in seen)
+        seen.clear()
+        utt = rows // rollout.group_size
+        completion = rollout.completion_ids[rows]
+        ids = torch.cat([prompts.input_ids[utt], completion], 1)
+        attention = torch.cat([prompts.attention_mask[utt], torch.ones_like(completion)], 1)
+        logits = policy.hf_model(input_ids=ids, attention_mask=attention, input_features=prompts.input_features[utt],
+                                 feature_attention_mask=prompts.feature_attention_mask[utt],
+                                 position_ids=(attention.cumsum(-1) - 1).clamp(min=0)).logits
+        p, t = prompts.input_ids.shape[1], completion.shape[1]
+        full = torch.log_softmax(logits[:, p - 1 : p + t - 1] / 0.8, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        (full * mask).sum().backward()
+        full_grads, full_tokens = grads(), sum(b * s for b, s in seen)
     finally:
         hook.remove()
-        policy.share_prompt_kv = True
-    (shared, shared_grads, shared_tokens), (full, full_grads, full_tokens) = results[True], results[False]
-    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps.detach(), full.detach(), atol=1e-5, rtol=1e-5)
     assert shared_grads.keys() == full_grads.keys() and len(shared_grads) == 2 * 7 * 2  # lora_A/B x 7 x 2 layers
     for name, grad in full_grads.items():
         assert grad.abs().max() > 0
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-5)
-    p, t, n = prompts.input_ids.shape[1], rollout.completion_ids.shape[1], len(rows)
-    assert full_tokens == n * (p + t)
-    assert shared_tokens == 3 * (p - 1) + n * t  # each prompt once, then only the completion per row
+    assert full_tokens == len(rows) * (p + t)
+    assert shared_tokens == 3 * (p - 1) + len(rows) * t  # each prompt once, then only the completion per row
 
 
 # ---------------------------------------------------------------------------- decode loop vs generate
@@ -363,21 +376,29 @@ def _decoder_calls(policy):
 @pytest.mark.parametrize("fused", ["adapters", "merged", "off"])
 @pytest.mark.parametrize("group_size", [1, G])
 def test_decode_loop_greedy_equals_generate(lora_policy, group_size, fused):
+    # Oracle: Hugging Face ``generate`` on the same shared prefill (``sampling.generate``, the rollout's own fallback
+    # for models the loop cannot drive).
     prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
     assert len(set((prompts.attention_mask == 0).sum(-1).tolist())) > 1  # uneven left padding
     pe = lora_policy.encode_prompts(prompts)
-    out = {}
     lora_policy.fused_decode = fused
     try:
-        for decoding in ("loop", "generate"):
-            lora_policy.decoding = decoding
-            out[decoding] = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
+        loop = lora_policy.rollout(pe, group_size, do_sample=False, max_new_tokens=10)
     finally:
-        lora_policy.decoding = "loop"
         lora_policy.fused_decode = "adapters"
-    assert torch.equal(out["loop"].completion_ids, out["generate"].completion_ids)
-    assert torch.equal(out["loop"].completion_mask, out["generate"].completion_mask)
-    assert out["loop"].texts == out["generate"].texts
+    tokens = sampling_module.SpecialTokens(lora_policy.eos_token_ids, lora_policy.pad_token_id,
+                                           lora_policy.audio_token_ids)
+    with torch.no_grad():
+        lora_policy.hf_model.eval()
+        try:
+            ids = sampling_module.generate(lora_policy.hf_model, lora_policy.family, pe, group_size, tokens,
+                                           sampling_module.SamplingSettings(max_new_tokens=10, do_sample=False))
+        finally:
+            lora_policy.hf_model.train()
+    finished = completion_mask(ids, lora_policy.eos_token_ids)
+    ids = ids.masked_fill(finished == 0, lora_policy.pad_token_id)
+    assert torch.equal(loop.completion_ids, ids)
+    assert loop.texts == lora_policy.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p", "fused"), [(1.0, 0, 1.0, "adapters"), (0.7, 5, 1.0, "merged"),

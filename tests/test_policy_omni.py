@@ -13,6 +13,7 @@ either from the feature extractor).
 import pytest
 import torch
 from encoder_calls import encoder_calls_of_a_step
+from family_helpers import INSTRUCTION, SR, G, full_sequence_logits, perturb_lora, token_logps, waves
 from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoProcessor,
@@ -25,9 +26,6 @@ from transformers import (
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
 from emorl_pl.modules.tiny import real_qwen2_tokenizer
 
-SR = 16000
-G = 2
-INSTRUCTION = "What is the emotion of the speaker?"
 VOCAB = 152064  # Qwen2.5-Omni-7B thinker text_config.vocab_size
 # Qwen2.5-Omni's added tokens, in id order from the end of the Qwen2 BPE (151643).
 OMNI_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
@@ -93,19 +91,6 @@ def omni_dir(tmp_path_factory):
     return str(out)
 
 
-def _waves(lengths=(8000, 24000), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [0.1 * torch.randn(n, generator=g) for n in lengths]
-
-
-def _perturb_lora(policy, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
 def _rollout(policy, prompts, group_size, **kwargs):
     return policy.rollout(prompts, group_size, **kwargs)
 
@@ -113,20 +98,11 @@ def _rollout(policy, prompts, group_size, **kwargs):
 def _thinker_logits(model, prompts, rollout):
     """Independent path: the thinker's own forward (own audio merge, own 3-D rope positions) on the full
     sequence input_ids + input_features + feature_attention_mask."""
-    utt = torch.arange(len(rollout)) // rollout.group_size
-    completion = rollout.completion_ids
-    ids = torch.cat([prompts.input_ids[utt], completion], 1)
-    attention = torch.cat([prompts.attention_mask[utt], torch.ones_like(completion)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention, input_features=prompts.input_features[utt],
-                       feature_attention_mask=prompts.feature_attention_mask[utt]).logits
-    p, t = prompts.input_ids.shape[1], completion.shape[1]
-    return logits[:, p - 1 : p + t - 1].double()
+    return full_sequence_logits(model, prompts, rollout)
 
 
 def _thinker_logps(model, prompts, rollout, temperature=1.0):
-    logp = torch.log_softmax(_thinker_logits(model, prompts, rollout) / temperature, -1)
-    return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return token_logps(_thinker_logits(model, prompts, rollout), rollout.completion_ids, temperature)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +113,7 @@ def full_policy(omni_dir):
 @pytest.fixture(scope="module")
 def lora_policy(omni_dir):
     policy = AudioLMPolicy(omni_dir, lora=LoraSettings(r=4, alpha=8)).load()
-    _perturb_lora(policy)
-    return policy
+    return perturb_lora(policy)
 
 
 def test_model_class_detected_from_model_type(full_policy, omni_dir):
@@ -155,7 +130,7 @@ def test_prompts_through_omni_template_hold_one_audio_token_per_tower_output(ful
     tok = full_policy.processor.tokenizer
     assert full_policy.processor.chat_template == OMNI_CHAT_TEMPLATE
     assert {t: tok.convert_tokens_to_ids(t) for t in OMNI_IDS} == OMNI_IDS
-    prompts = full_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    prompts = full_policy.build_prompts(waves(), SR, INSTRUCTION)
     expected = [((n // 160 - 1) // 2 + 1 - 2) // 2 + 1 for n in (8000, 24000)]  # L = n // 160 mel frames
     assert (prompts.input_ids == OMNI_IDS["<|AUDIO|>"]).sum(-1).tolist() == expected == [12, 37]
     text = tok.decode(prompts.input_ids[1][prompts.attention_mask[1].bool()])
@@ -168,7 +143,7 @@ def test_prompts_through_omni_template_hold_one_audio_token_per_tower_output(ful
 @pytest.mark.parametrize(("which", "temperature"), [("full_policy", 1.0), ("lora_policy", 0.7)])
 def test_completion_logps_match_thinker_forward(request, which, temperature):
     policy = request.getfixturevalue(which)
-    prompts = policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go"])
+    prompts = policy.build_prompts(waves(), SR, INSTRUCTION, texts=[None, "let me go"])
     assert prompts.attention_mask[0, 0] == 0  # the shorter prompt is left-padded: positions matter
     torch.manual_seed(1)
     rollout = _rollout(policy, prompts, G, max_new_tokens=6, temperature=1.3)
@@ -183,7 +158,7 @@ def test_completion_logps_match_thinker_forward(request, which, temperature):
 
 def test_greedy_rollout_follows_thinker_argmax(lora_policy):
     # generate() runs on cached prompt embeds after a shared prefill: its positions must be the thinker's
-    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    prompts = lora_policy.build_prompts(waves(), SR, INSTRUCTION)
     rollout = _rollout(lora_policy, prompts, G, do_sample=False, max_new_tokens=6)
     argmax = _thinker_logits(lora_policy.hf_model, prompts, rollout).argmax(-1)
     mask = rollout.completion_mask.bool()
@@ -191,7 +166,7 @@ def test_greedy_rollout_follows_thinker_argmax(lora_policy):
 
 
 def test_audio_encoded_once_per_utterance(lora_policy):
-    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    prompts = lora_policy.build_prompts(waves(), SR, INSTRUCTION)
     encoder = encoder_calls_of_a_step(lora_policy, prompts, G, (slice(0, 1), slice(1, 4)), max_new_tokens=5)
     assert encoder.calls == 1
     assert encoder.utterances == 2
@@ -210,7 +185,7 @@ def test_lora_scoped_to_language_model(lora_policy):
 
 
 def test_reference_equals_fresh_base_thinker(lora_policy, omni_dir):
-    prompts = lora_policy.build_prompts(_waves(), SR, INSTRUCTION)
+    prompts = lora_policy.build_prompts(waves(), SR, INSTRUCTION)
     torch.manual_seed(3)
     rollout = _rollout(lora_policy, prompts, G, max_new_tokens=6)
     base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(omni_dir, attn_implementation="sdpa").eval()
@@ -223,8 +198,8 @@ def test_reference_equals_fresh_base_thinker(lora_policy, omni_dir):
 
 
 def test_rollout_after_another_row_count(full_policy):
-    waves = _waves()
-    full_policy.rollout(full_policy.build_prompts(waves, SR, INSTRUCTION), G, max_new_tokens=3)  # 4 rows
+    clips = waves()
+    full_policy.rollout(full_policy.build_prompts(clips, SR, INSTRUCTION), G, max_new_tokens=3)  # 4 rows
     # The thinker keeps rope_deltas of shape (rows, 1) from its last call; the policy must reset them.
-    rollout = full_policy.rollout(full_policy.build_prompts(waves[:1], SR, INSTRUCTION), 3, max_new_tokens=3)
+    rollout = full_policy.rollout(full_policy.build_prompts(clips[:1], SR, INSTRUCTION), 3, max_new_tokens=3)
     assert rollout.completion_ids.shape[0] == 3

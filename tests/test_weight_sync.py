@@ -1,6 +1,8 @@
 """The weights a rollout engine gets (``emorl_pl.modules.weight_sync``): LoRA merged as peft merges it, written
 as hub-layout safetensors shards that transformers reads back, and under FSDP2 (2 gloo processes, gathered one
-weight at a time) the very same files as one unsharded process writes."""
+weight at a time) the very same files as one unsharded process writes. For Qwen3-Omni (fused mixture-of-experts
+weights in memory, one tensor per expert published) the policy's sync writes what transformers' own save of
+the peft-merged model writes, tensor by tensor, each fused weight split per expert as it streams."""
 
 from __future__ import annotations
 
@@ -15,9 +17,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from emorl_pl.modules.hub_layout import hub_key_map, meta_model
+from emorl_pl.modules.hub_layout import (
+    HubConverter,
+    hub_key_map,
+    meta_model,
+    published_names,
+    save_in_hub_layout,
+)
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
 from emorl_pl.modules.weight_sync import INDEX_NAME, iter_merged_weights, write_hub_shards
+
+# moved in a trained-looking state without LoRA: the attention queries and (MoE) the fused expert weights
+MOVED = ("q_proj.weight", "experts.gate_up_proj", "experts.down_proj")
 
 
 def _policy(model_dir: str, lora: bool) -> AudioLMPolicy:
@@ -27,7 +38,7 @@ def _policy(model_dir: str, lora: bool) -> AudioLMPolicy:
     with torch.no_grad():  # a trained-looking state: non-zero adapters, moved base weights
         g = torch.Generator().manual_seed(1)
         for name, p in policy.hf_model.named_parameters():
-            if "lora_B" in name or (not lora and name.endswith("q_proj.weight")):
+            if "lora_B" in name or (not lora and name.endswith(MOVED)):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return policy
 
@@ -84,6 +95,69 @@ def test_a_weight_the_engine_needs_but_never_came_is_an_error(tmp_path):
         write_hub_shards(iter(weights), {"a": "x.a", "b": "x.b"}, tmp_path)
 
 
+class _FolderEngine:
+    """Stands in for the vLLM engine in ``AudioLMPolicy.sync_engine_weights``: keeps a copy of each folder it is
+    told to reload from."""
+
+    def __init__(self, keep: Path) -> None:
+        self.keep, self.loads = keep, 0
+
+    def load_weights(self, folder: Path) -> None:
+        import shutil
+
+        self.loads += 1
+        shutil.copytree(folder, self.keep / f"sync{self.loads}")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_qwen3_omni_sync_writes_the_published_checkpoint_one_tensor_per_expert(qwen3_omni_model_dir, tmp_path, lora):
+    """The policy's engine sync (``rollout_engine: vllm``) of the real-shape Qwen3-Omni (128 experts, fused
+    ``gate_up_proj`` / ``down_proj`` in memory) writes every tensor of the published checkpoint vLLM loads,
+    each equal to what ``save_in_hub_layout`` (transformers' own ``save_pretrained``) writes for the same
+    weights, LoRA merged by peft's ``merge_and_unload``; by hand, expert e's gate / up / down are the rows of
+    the fused weights. Before: the sync refused the model (its published tensors are not renamed ones)."""
+    policy = _policy(qwen3_omni_model_dir, lora)
+    policy._engine = engine = _FolderEngine(tmp_path)  # the sync's target; no vLLM in this environment
+    assert policy.sync_engine_weights() is True and engine.loads == 1
+    got = _read(tmp_path / "sync1")
+
+    merged = copy.deepcopy(policy.model)
+    merged = merged.merge_and_unload() if lora else merged
+    save_in_hub_layout(merged, tmp_path / "oracle")
+    expected = _read(tmp_path / "oracle")
+    assert sorted(got) == sorted(expected) == published_names(meta_model(qwen3_omni_model_dir))
+    n_layers = len(policy.hf_model.model.layers)
+    assert {n for n in got if ".experts." in n} == {
+        f"thinker.model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in range(n_layers) for e in range(128)
+        for p in ("gate_proj", "up_proj", "down_proj")}
+    for name, value in expected.items():  # LoRA: our fp32 merge vs peft's, summed in other orders
+        if lora:
+            torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(got[name], value), name
+    experts = policy.hf_model.model.layers[1].mlp.experts
+    inter = experts.down_proj.shape[-1]
+    for e in (0, 77, 127):
+        prefix = f"thinker.model.layers.1.mlp.experts.{e}."
+        assert torch.equal(got[prefix + "gate_proj.weight"], experts.gate_up_proj[e, :inter])
+        assert torch.equal(got[prefix + "up_proj.weight"], experts.gate_up_proj[e, inter:])
+        assert torch.equal(got[prefix + "down_proj.weight"], experts.down_proj[e])
+    index = json.loads((tmp_path / "sync1" / INDEX_NAME).read_text())["weight_map"]
+    assert sorted(index) == sorted(got)
+    assert policy.sync_engine_weights() is False and engine.loads == 1  # unchanged: nothing sent
+
+
+def test_a_published_tensor_the_layout_has_but_never_written_is_an_error(qwen3_omni_model_dir, tmp_path):
+    """A fused expert weight that never arrives leaves 256 published tensors unwritten: refused, not a folder
+    vLLM would half-load."""
+    converter = HubConverter(meta_model(qwen3_omni_model_dir))
+    policy = _policy(qwen3_omni_model_dir, lora=False)
+    dropped = "model.layers.0.mlp.experts.gate_up_proj"
+    weights = ((n, t) for n, t in iter_merged_weights(policy.hf_model) if n != dropped)
+    with pytest.raises(RuntimeError, match=f"does not have: \\['{dropped}'\\]"):
+        write_hub_shards(weights, converter, tmp_path)
+
+
 def _sharded_worker(rank: int, model_dir: str, out: str, port: int, lora: bool, bf16: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -107,7 +181,7 @@ def _sharded_worker(rank: int, model_dir: str, out: str, port: int, lora: bool, 
         DTensor.full_tensor = counting
         try:
             write_hub_shards(iter_merged_weights(policy.hf_model, policy.loaded_models.compute_dtype),
-                             hub_key_map(meta_model(model_dir)), Path(out) / "sharded" if rank == 0 else None,
+                             HubConverter(meta_model(model_dir)), Path(out) / "sharded" if rank == 0 else None,
                              max_shard_bytes=1 << 20)
         finally:
             DTensor.full_tensor = real
@@ -117,17 +191,20 @@ def _sharded_worker(rank: int, model_dir: str, out: str, port: int, lora: bool, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora,bf16", [(True, False), (False, True)], ids=["lora", "full-bf16"])
-def test_fsdp2_ranks_write_the_files_one_process_writes(toy_model_dir, tmp_path, lora, bf16):
-    single = _policy(toy_model_dir, lora)
-    key_map = hub_key_map(meta_model(toy_model_dir))
-    write_hub_shards(iter_merged_weights(single.hf_model, torch.bfloat16 if bf16 else None), key_map,
-                     tmp_path / "single", max_shard_bytes=1 << 20)
-    port = 29500 + (os.getpid() + 11 * (lora + 2 * bf16)) % 1000
-    mp.start_processes(_sharded_worker, args=(toy_model_dir, str(tmp_path), port, lora, bf16), nprocs=2,
+@pytest.mark.parametrize("model,lora,bf16", [("toy_model_dir", True, False), ("toy_model_dir", False, True),
+                                             ("qwen3_omni_model_dir", False, True)],
+                         ids=["lora", "full-bf16", "qwen3-omni-full-bf16"])
+def test_fsdp2_ranks_write_the_files_one_process_writes(request, tmp_path, model, lora, bf16):
+    """Qwen3-Omni: each rank holds 64 of a layer's 128 experts; the gathered fused weight is split per expert."""
+    model_dir = request.getfixturevalue(model)
+    single = _policy(model_dir, lora)
+    write_hub_shards(iter_merged_weights(single.hf_model, torch.bfloat16 if bf16 else None),
+                     HubConverter(meta_model(model_dir)), tmp_path / "single", max_shard_bytes=1 << 20)
+    port = 29500 + (os.getpid() + 11 * (lora + 2 * bf16 + 4 * (model != "toy_model_dir"))) % 1000
+    mp.start_processes(_sharded_worker, args=(model_dir, str(tmp_path), port, lora, bf16), nprocs=2,
                        start_method="spawn")
     expected, got = _read(tmp_path / "single"), _read(tmp_path / "sharded")
-    assert got.keys() == expected.keys()
+    assert got.keys() == expected.keys() and sorted(got) == published_names(meta_model(model_dir))
     for name, value in expected.items():
         assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
     assert not (tmp_path / "sharded" / "gathers").exists()

@@ -13,8 +13,11 @@ save to (``hub_wrapper_class``, ``hub_prefix``); transformers loads the thinker 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -133,24 +136,45 @@ class AudioLMFamily:
         return None
 
     def check_model(self, hf_model: nn.Module, where: str = "config.json") -> None:
-        """Refuse settings of the loaded model that the policy's loss cannot honour. A mixture-of-experts model
-        whose config turns the router's auxiliary (load-balancing) loss on (``output_router_logits: true``) is
-        refused: the policy's passes bypass the model's root forward, where transformers adds that loss, and the
-        GRPO loss does not add it; off (the releases' setting) is transformers' own behaviour."""
-        router = self.router_settings(hf_model)
-        if router is not None and router.enabled:
-            raise NotImplementedError(
-                f"{where}: text_config.output_router_logits is true (the router's auxiliary loss, weight "
-                f"{router.coef}), which this version's GRPO and cold-start losses do not add; set it to false (the "
-                "published setting) to train with the load-balancing loss off"
-            )
+        """Refuse settings of the loaded model that the policy's loss cannot honour (none for a dense family).
+        ``output_router_logits`` itself is not one: the policy's passes bypass the root forward, so whether the
+        load-balancing loss is added is the trainer's ``router_aux_loss_coef`` (TRL's semantics), not that flag."""
+
+    def scoring_kwargs(self, hf_model: nn.Module) -> dict[str, bool]:
+        """Keyword arguments of the policy's scoring calls of the decoder; {} for a dense model."""
+        return {}
+
+    @contextlib.contextmanager
+    def record_router_logits(self, hf_model: nn.Module) -> Iterator[list[list[Tensor]]]:
+        """Inside, each call of each of the decoder's routers (in layer order) appends its router logits,
+        (tokens, experts), to that router's list. A dense model has no router: an error."""
+        raise ValueError(f"{type(self).__name__} ({type(hf_model).__name__}) is a dense model: it has no router "
+                         "logits and no load-balancing loss")
+        yield []  # unreachable: makes this a generator for contextmanager
 
     def router_aux_loss(self, hf_model: nn.Module, router_logits: tuple[Tensor, ...],
                         attention_mask: Tensor | None) -> Tensor:
         """transformers' own load-balancing loss (``load_balancing_loss_func``) of the per-layer router logits of
         one decoder pass, for the model's expert count and top-k: what its forward multiplies by
-        ``router_aux_loss_coef`` when ``output_router_logits`` is on."""
+        ``router_aux_loss_coef`` when ``output_router_logits`` is on. ``attention_mask`` may be any float
+        weights, one per token (flattened in the logits' row order): a token of weight w counts as w tokens."""
         raise NotImplementedError(f"{type(self).__name__} has no router")
+
+
+def resolve_router_aux_coef(family: AudioLMFamily, hf_model: nn.Module, coef: float | None,
+                            option: str = "model.init_args.router_aux_loss_coef") -> float:
+    """The load-balancing loss weight of a run, as TRL 1.16's ``GRPOTrainer.__init__`` resolves
+    ``GRPOConfig.router_aux_loss_coef``: None takes the model config's ``router_aux_loss_coef`` (0.0 for a dense
+    model, which declares none); a value is used as given, 0.0 turning the loss off; a nonzero value for a dense
+    model is an error naming ``option``."""
+    router = family.router_settings(hf_model)
+    if router is None:
+        if coef:
+            raise ValueError(f"{option} is {coef} but {type(hf_model).__name__} ({type(family).__name__}) is not a "
+                             "mixture-of-experts model: it has no router and no load-balancing loss to weight; "
+                             "leave it unset (null) or 0.0")
+        return 0.0
+    return router.coef if coef is None else float(coef)
 
 
 class RouterSettings:
@@ -362,6 +386,42 @@ class Qwen3OmniMoeThinker(_OmniThinker):
         text = hf_model.config.text_config
         return RouterSettings(bool(text.output_router_logits), float(text.router_aux_loss_coef), int(text.num_experts),
                               int(text.num_experts_per_tok))
+
+    def scoring_kwargs(self, hf_model: nn.Module) -> dict[str, bool]:
+        # Router logits are recorded by ``record_router_logits``, never by the model's own output capture, which
+        # a config's output_router_logits: true would run in every call, and which records nothing on an FSDP2
+        # unit: transformers 5.17 looks up what a model can record by str(its class), which fully_shard changes.
+        return {"output_router_logits": False}
+
+    @contextlib.contextmanager
+    def record_router_logits(self, hf_model: nn.Module) -> Iterator[list[list[Tensor]]]:
+        # The routers' own output, index 0: what the model's capture (its _can_record_outputs) takes.
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+            Qwen3OmniMoeThinkerTextTopKRouter,
+        )
+
+        routers = [m for m in self.decoder(hf_model).modules() if isinstance(m, Qwen3OmniMoeThinkerTextTopKRouter)]
+        recorded: list[list[Tensor]] = [[] for _ in routers]
+        handles = [router.register_forward_hook(lambda module, args, out, logs=logs: logs.append(out[0]))
+                   for router, logs in zip(routers, recorded)]
+        try:
+            yield recorded
+        finally:  # before any backward: a checkpointed layer's replay must not record again
+            for handle in handles:
+                handle.remove()
+
+    def check_model(self, hf_model: nn.Module, where: str = "config.json") -> None:
+        """The router settings the load-balancing loss reads must be there and make sense."""
+        text = hf_model.config.text_config
+        missing = [k for k in ("output_router_logits", "router_aux_loss_coef", "num_experts", "num_experts_per_tok")
+                   if getattr(text, k, None) is None]
+        if missing:
+            raise ValueError(f"{where}: thinker_config.text_config has no {', '.join(missing)} (a mixture-of-experts "
+                             "text config declares them; the load-balancing loss needs them)")
+        router = self.router_settings(hf_model)
+        if not 0 < router.top_k <= router.num_experts or not math.isfinite(router.coef):
+            raise ValueError(f"{where}: thinker_config.text_config must have 0 < num_experts_per_tok <= num_experts "
+                             f"and a finite router_aux_loss_coef, got {router}")
 
 
 @functools.cache

@@ -46,6 +46,7 @@ from emorl_pl.checkpointing import seeded_rng
 from emorl_pl.cold_start import cold_start_target
 from emorl_pl.emotions import get_label_set
 from emorl_pl.metrics import SERMetrics
+from emorl_pl.modules.families import resolve_router_aux_coef
 from emorl_pl.modules.policy import AudioLMPolicy, Rollout
 from emorl_pl.prompts import PromptTemplate
 from emorl_pl.reasoning import check_mode, parse_response
@@ -109,6 +110,14 @@ class GRPOModule(L.LightningModule):
             ``sequence_mask``: one ratio per token or per completion, clamped to or zeroed outside the bounds.
         vllm_importance_sampling_clip_max / vllm_importance_sampling_clip_min: the bounds [C_min, C_max]
             (None: unbounded on that side).
+        router_aux_loss_coef: the weight of a mixture-of-experts model's router load-balancing loss, TRL 1.16's
+            ``router_aux_loss_coef``: None takes the model config's ``text_config.router_aux_loss_coef`` (0.001
+            for Qwen3-Omni; 0.0 for a dense model), 0.0 turns it off, a nonzero value on a dense model is an error.
+            On, each gradient pass of the GRPO loss (and of the cold start) also returns the router logits and adds
+            ``coef x aux / passes``: aux is transformers' ``load_balancing_loss_func`` over the tokens the model's
+            forward on the pass's full [prompt ; completion] sequences counts (prompt and completion masks), passes
+            the rank's gradient passes per optimizer step (TRL: ``/ gradient_accumulation_steps``); logged as
+            ``aux_loss`` (``sft/aux_loss``). Reference and sampling-policy log-probs never compute it.
     """
 
     def __init__(
@@ -150,6 +159,7 @@ class GRPOModule(L.LightningModule):
         vllm_importance_sampling_mode: str = "sequence_mask",
         vllm_importance_sampling_clip_max: float | None = 3.0,
         vllm_importance_sampling_clip_min: float | None = None,
+        router_aux_loss_coef: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "optimizer"])
@@ -183,6 +193,12 @@ class GRPOModule(L.LightningModule):
                              f"got {vllm_importance_sampling_correction!r}")
         grpo.check_is_correction(vllm_importance_sampling_mode, vllm_importance_sampling_clip_max,
                                  vllm_importance_sampling_clip_min)
+        if router_aux_loss_coef is not None and (isinstance(router_aux_loss_coef, bool)
+                                                 or not isinstance(router_aux_loss_coef, (int, float))
+                                                 or not math.isfinite(router_aux_loss_coef)):
+            raise ValueError("model.init_args.router_aux_loss_coef must be null (the model config's value) or a "
+                             f"finite number, got {router_aux_loss_coef!r}")
+        self._router_coef: float | None = None  # resolved against the model (``router_aux_coef``)
         self.optimizer_factory = optimizer
         self.prompt = prompt if prompt is not None else PromptTemplate()
         self.instruction = self.prompt.user_text(self.mode, self.labels)
@@ -206,6 +222,15 @@ class GRPOModule(L.LightningModule):
         if mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
             strategy = self.trainer.strategy
             self.policy.shard(mesh, mp_policy=strategy.mp_policy if isinstance(strategy, FSDP2Strategy) else None)
+        self.router_aux_coef()  # a coefficient the model cannot take stops the run here, before any step
+
+    def router_aux_coef(self) -> float:
+        """The load-balancing loss weight for this model (TRL's resolution of ``router_aux_loss_coef``; 0.0: off)."""
+        if self._router_coef is None:
+            self.policy.load(reference=False)  # the config is enough: no weights are read here
+            self._router_coef = resolve_router_aux_coef(self.policy.family, self.policy.loaded_models.hf,
+                                                        self.hparams.router_aux_loss_coef)
+        return self._router_coef
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -311,17 +336,30 @@ class GRPOModule(L.LightningModule):
         self._accum += 1
         closing = self._window_full()
         starts = range(0, n, mb)
+        k = self.hparams.accumulate_grad_batches
+        coef = self.router_aux_coef()
+        aux_sum = torch.zeros((), device=mask.device)
         for start in starts:
             rows = slice(start, min(n, start + mb))
-            logps = self.policy.completion_logps(rollout, rows)
-            loss = -(logps * mask[rows]).sum() / total_tokens / self.hparams.accumulate_grad_batches
+            if coef:
+                logps, aux = self.policy.completion_logps(rollout, rows, router_aux_loss=True)
+            else:
+                logps, aux = self.policy.completion_logps(rollout, rows), None
+            loss = -(logps * mask[rows]).sum() / total_tokens / k
+            if aux is not None:
+                # As transformers' forward with labels (its loss + router_aux_loss_coef x aux_loss), per pass,
+                # the passes of the window averaged (the Trainer's / gradient_accumulation_steps).
+                loss = loss + coef * aux / (len(starts) * k)
+                aux_sum += aux.detach() / len(starts)
             with self._backward_sync(closing and start == starts[-1]):
                 self.manual_backward(loss)
             loss_sum += loss.detach()
         if closing:
             self._accum = 0
             self._optimizer_step()
-        self.log("sft/loss", loss_sum * self.hparams.accumulate_grad_batches, prog_bar=True, batch_size=n)
+        self.log("sft/loss", loss_sum * k, prog_bar=True, batch_size=n)
+        if coef:
+            self.log("sft/aux_loss", aux_sum, batch_size=n)
         return loss_sum
 
     def _start_rl_phase(self) -> None:
@@ -423,11 +461,16 @@ class GRPOModule(L.LightningModule):
                                       window_sequences=float(totals[1]), window_tokens=float(totals[0]),
                                       world_size=world, num_steps=len(window)) for gen in window]
         passes = [(gen, norm, rows) for gen, norm, plan in zip(window, norms, plans) for rows in plan]
+        coef = self.router_aux_coef()
+        # TRL adds coef x aux / gradient_accumulation_steps per micro-batch: the mean over this rank's passes
+        # of one optimizer step (zero-weight padding passes compute it too, for equal graphs, and add nothing).
+        real_passes = max(1, sum(rows is not None for _, _, rows in passes))
         for _ in range(iterations):
             for i, (gen, norm, rows) in enumerate(passes):
                 pad = rows is None  # a zero-weight pass that only keeps this rank in step
                 rows = torch.zeros(1, dtype=torch.long, device=self.device) if pad else rows
-                logps, w = self._pass_logps(gen.rollout, rows)  # w: the completion columns the pass kept
+                # w: the completion columns the pass kept
+                logps, w, aux = self._pass_logps(gen.rollout, rows, router_aux_loss=coef != 0)
                 loss, stats = grpo.grpo_loss(
                     logps,
                     None if gen.old is None else gen.old[rows, :w],
@@ -439,6 +482,10 @@ class GRPOModule(L.LightningModule):
                     importance_sampling_level=hp.importance_sampling_level,
                     importance_sampling_ratio=None if gen.is_ratio is None else gen.is_ratio[rows, :w], **norm,
                 )
+                if aux is not None:
+                    loss = loss + coef * aux * (0.0 if pad else 1.0) / real_passes
+                    if not pad:
+                        stats_acc["aux_loss"] = stats_acc.get("aux_loss", 0.0) + float(aux.detach()) / real_passes / iterations
                 # Gradients are reduced across ranks once per optimizer step: at its last backward.
                 with self._backward_sync(i == len(passes) - 1):
                     self.manual_backward(loss)
@@ -499,16 +546,21 @@ class GRPOModule(L.LightningModule):
         prompt = _prompt_spans(rollout.prompt.attention_mask).repeat_interleave(rollout.group_size)
         return grpo.token_budget_micro_batches(prompt, grpo.completion_extents(rollout.completion_mask), rows, budget)
 
-    def _pass_logps(self, rollout: Rollout, rows: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, int]:
-        """Log-probs of ``rows`` for one pass and the completion columns they cover: all T with fixed micro-
-        batches; with ``micro_batch_tokens`` the rollout is cut to the columns these rows use (the prompt's
-        leading padding none of them has, completion columns past their last masked token), so that a pass
-        of short rows runs short. Causal attention and masked padding: the kept columns' values are the same."""
+    def _pass_logps(self, rollout: Rollout, rows: torch.Tensor, reference: bool = False,
+                    router_aux_loss: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """Log-probs of ``rows`` for one pass, the completion columns they cover and, with ``router_aux_loss``, the
+        pass's load-balancing loss (else None): all T columns with fixed micro-batches; with
+        ``micro_batch_tokens`` the rollout is cut to the columns these rows use (the prompt's leading padding
+        none of them has, completion columns past their last masked token), so that a pass of short rows runs
+        short. Causal attention and masked padding: the kept columns' values (and the routed tokens that count)
+        are the same."""
         view = rollout if self.hparams.micro_batch_tokens is None else _trimmed(rollout, rows)
-        logps = self.policy.completion_logps(view, rows, temperature=self.hparams.temperature, reference=reference)
+        out = self.policy.completion_logps(view, rows, temperature=self.hparams.temperature, reference=reference,
+                                           router_aux_loss=router_aux_loss)
+        logps, aux = out if router_aux_loss else (out, None)
         if view is not rollout and rollout.prompt.ref_audio_hidden is None:  # a cached reference tower output
             rollout.prompt.ref_audio_hidden = view.prompt.ref_audio_hidden
-        return logps, view.completion_ids.shape[1]
+        return logps, view.completion_ids.shape[1], aux
 
     def _sampling_seed(self) -> int:
         seed = (self.hparams.sampling_seed, self.global_step, self._accum, self.global_rank)
@@ -534,7 +586,7 @@ class GRPOModule(L.LightningModule):
         out = torch.zeros(rollout.completion_ids.shape, device=self.device)
         for rows in plan:
             sel = torch.zeros(1, dtype=torch.long, device=self.device) if rows is None else rows
-            logps, w = self._pass_logps(rollout, sel, reference=reference)
+            logps, w, _ = self._pass_logps(rollout, sel, reference=reference)
             if rows is not None:
                 out[rows, :w] = logps
         return out
@@ -734,7 +786,7 @@ IDENTITY_HPARAMS = (
     "epsilon_low", "epsilon_high", "loss_type", "importance_sampling_level", "scale_rewards", "num_iterations",
     "mask_truncated", "dynamic_sampling", "accumulate_grad_batches", "sft_steps", "sampling_seed",
     "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
-    "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_clip_min", "router_aux_loss_coef",
 )
 
 

@@ -181,6 +181,38 @@ def hub_tensors(model: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, 
     return to_hub_state(model, {name: tensor})
 
 
+class HubConverter:
+    """``model``'s in-memory tensors as its published checkpoint holds them, one tensor at a time: what a weight
+    sync streams to an engine without a second copy of the model. ``converter(name, tensor)`` is that tensor's
+    published tensors (``hub_tensors``): one renamed tensor, or for a fused mixture-of-experts weight one per
+    expert and projection; empty for a tensor the checkpoint does not hold (a tied copy). ``sources``: the
+    in-memory names the checkpoint needs; ``published``: every published name (``published_names``).
+    ``model`` may be on the meta device (``meta_model``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from transformers.core_model_loading import WeightConverter
+
+        for conversion in _hub_conversions(model):
+            # each published tensor must come from one in-memory tensor, or one tensor alone cannot be converted
+            if isinstance(conversion, WeightConverter) and len(conversion.target_patterns) > 1:
+                raise NotImplementedError(
+                    f"{type(model).__name__}: transformers fuses {conversion.target_patterns} into one published "
+                    "tensor; a weight sync that streams one tensor at a time cannot write it"
+                )
+        self.model = model
+        # renamed only: one name lookup per tensor (the map checked once against the load direction)
+        self.key_map = None if has_converted_weights(model) else hub_key_map(model)
+        self.sources = frozenset(self.key_map if self.key_map is not None else _saved_state_names(model))
+        self.published = frozenset(published_names(model))
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in self.sources:
+            return {}
+        if self.key_map is not None:
+            return {self.key_map[name]: tensor}
+        return hub_tensors(self.model, name, tensor)
+
+
 def published_names(model: nn.Module) -> list[str]:
     """Every tensor name of ``model``'s published checkpoint, sorted: ``hub_key_map``'s values, or for a
     class with converted tensors ``to_hub_state``'s names, each checked to load back onto a tensor of

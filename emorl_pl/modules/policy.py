@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,6 @@ from emorl_pl.modules import reference as ref_weights
 from emorl_pl.modules.families import AudioLMFamily, family_for, import_class
 from emorl_pl.modules.prompting import CroppedAudio, PromptEmbeds, Prompts, build_prompts
 from emorl_pl.modules.sampling import (
-    DECODING_MODES,
     FUSED_DECODE_MODES,
     Rollout,
     SamplingSettings,
@@ -42,6 +41,9 @@ from emorl_pl.modules.sharding import full_state_dict_cpu, is_sharded, shard_mod
 from emorl_pl.modules.vllm_engine import ROLLOUT_ENGINES, VLLMColocateEngine, VLLMSettings, pack_completions
 from emorl_pl.modules.weight_sync import iter_merged_weights, write_hub_shards
 from emorl_pl.rollout_server import ServerEngine
+
+if TYPE_CHECKING:
+    from emorl_pl.modules.hub_layout import HubConverter
 
 __all__ = ["AudioLMPolicy", "LoraSettings", "PromptEmbeds", "Prompts", "Rollout", "sample_categorical",
            "warp_logits"]
@@ -127,9 +129,6 @@ class AudioLMPolicy(nn.Module):
     weights while sampling); "off": the decoder's own forward. Architectures the fused step does not
     cover always use the decoder's forward.
 
-    ``decoding``: "loop" (default) samples with the lean decode loop (``sampling.decode``); "generate" with
-    Hugging Face ``generate`` on the same shared prefill (slower; the loop's oracle in tests and benchmarks).
-
     ``dropout``: True (default, as TRL's ``disable_dropout: false``): the configured dropouts (LoRA's,
     the model's own) act in the gradient passes only; sampling, evaluation and scoring without gradient
     (the sampling policy's and the reference's log-probs) run in eval mode. False (TRL's
@@ -141,10 +140,6 @@ class AudioLMPolicy(nn.Module):
     returns the sampled tokens with their sampling log-probs (``Rollout.sampling_logps``, for the module's
     importance-sampling correction), and gets the current weights (LoRA merged) whenever they changed since
     its last rollout. One process only in this version.
-
-    ``share_prompt_kv``: ``completion_logps`` prefills each utterance's prompt once and indexes its
-    keys/values out to the G rows that share it (default); False runs every row's full sequence, as the
-    model's forward would (same values; for comparison).
     """
 
     def __init__(
@@ -157,28 +152,22 @@ class AudioLMPolicy(nn.Module):
         lora: LoraSettings | None = None,
         freeze_audio_tower: bool = True,
         system_prompt: str | None = None,
-        build_tiny_if_missing: bool = False,
         fused_decode: Literal["adapters", "merged", "off"] = "adapters",
-        decoding: Literal["loop", "generate"] = "loop",
-        share_prompt_kv: bool = True,
         dropout: bool = True,
         rollout_engine: Literal["fused", "vllm"] = "fused",
         vllm: VLLMSettings | None = None,
     ) -> None:
         super().__init__()
-        if not build_tiny_if_missing and not Path(model_dir).is_dir():
+        if not Path(model_dir).is_dir():
             # Fail at config time, before anything is loaded.
             raise FileNotFoundError(
                 f"model.init_args.policy.init_args.model_dir={model_dir!r} does not exist (a local Hugging Face "
-                "model folder is expected; set build_tiny_if_missing: true to build the tiny test model there)"
+                "model folder is expected; `emorl-toy-model DIR` builds the quickstart's toy model there)"
             )
-        self.build_tiny_if_missing = build_tiny_if_missing
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if fused_decode not in FUSED_DECODE_MODES:
             raise ValueError(f"fused_decode must be one of {list(FUSED_DECODE_MODES)}, got {fused_decode!r}")
-        if decoding not in DECODING_MODES:
-            raise ValueError(f"decoding must be one of {list(DECODING_MODES)}, got {decoding!r}")
         if rollout_engine not in ROLLOUT_ENGINES:
             raise ValueError(f"rollout_engine must be one of {list(ROLLOUT_ENGINES)}, got {rollout_engine!r}")
         self.rollout_engine = rollout_engine
@@ -186,7 +175,7 @@ class AudioLMPolicy(nn.Module):
         self._engine: VLLMColocateEngine | None = None  # built at the first vLLM rollout
         self._engine_weights_dir: Path | None = None
         self._engine_synced_version = -1  # sum of the parameters' in-place update counters at the last sync
-        self._engine_key_map: dict[str, str] | None = None
+        self._engine_layout: HubConverter | None = None  # built at the first sync (writing rank)
         self.model_dir = model_dir
         self.model_class = model_class
         self.dtype_name = dtype
@@ -196,8 +185,6 @@ class AudioLMPolicy(nn.Module):
         self.freeze_audio_tower = freeze_audio_tower
         self.system_prompt = system_prompt
         self.fused_decode = fused_decode
-        self.decoding = decoding
-        self.share_prompt_kv = share_prompt_kv
         self.dropout = dropout
         self.model: nn.Module | None = None
         self.loaded_models: LoadedModels | None = None  # what load() builds (outside the module registry)
@@ -234,10 +221,6 @@ class AudioLMPolicy(nn.Module):
         from transformers import AutoConfig
 
         path = Path(self.model_dir)
-        if self.build_tiny_if_missing and not (path / "config.json").is_file():
-            from emorl_pl.modules.tiny import ensure_tiny_model
-
-            ensure_tiny_model(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model_dir {str(path)!r} does not exist or is not a directory")
         if not (path / "config.json").is_file():
@@ -476,8 +459,7 @@ class AudioLMPolicy(nn.Module):
 
         Rows are ``repeat_interleave``d: rows b*G .. b*G+G-1 belong to utterance b. The audio special
         tokens are suppressed (a sampled ``<|AUDIO|>`` would break re-scoring); generation stops at
-        ``<|im_end|>`` or the tokenizer's eos. With ``decoding="loop"`` sampling is by temperature / top-k /
-        top-p only, not ``generation_config``'s other processors such as a repetition penalty, which the
+        ``<|im_end|>`` or the tokenizer's eos. Sampling is by temperature / top-k / top-p only, not ``generation_config``'s other processors such as a repetition penalty, which the
         log-probs would not include either; a model the loop cannot drive decodes with ``generate``.
         """
         if group_size < 1:
@@ -491,7 +473,7 @@ class AudioLMPolicy(nn.Module):
             return self._engine_rollout(pe, group_size, settings, mask_truncated)
         with _eval_mode(self.loaded_models.hf):  # no dropout / checkpointing during sampling
             self.family.reset_state(self.loaded_models.hf)
-            if self.decoding == "loop" and sampling.loop_supported(self.family.decoder(self.loaded_models.hf), pe):
+            if sampling.loop_supported(self.family.decoder(self.loaded_models.hf), pe):
                 ids = sampling.decode(self.loaded_models.hf, self.family, pe, group_size, tokens, settings,
                                       fused_decode=self.fused_decode, sharded=self.is_sharded)
             else:
@@ -570,13 +552,14 @@ class AudioLMPolicy(nn.Module):
             if root is not None:
                 Path(root).mkdir(parents=True, exist_ok=True)
             self._engine_weights_dir = Path(tempfile.mkdtemp(prefix="emorl-vllm-weights-", dir=root))
-        if self._engine_key_map is None:  # in-memory -> published names: fixed for the model, built once
-            from emorl_pl.modules.hub_layout import hub_key_map, meta_model
+        if writer and self._engine_layout is None:  # in-memory -> published tensors: fixed for the model
+            from emorl_pl.modules.hub_layout import HubConverter, meta_model
 
-            self._engine_key_map = hub_key_map(meta_model(self.model_dir))
-        # Under FSDP2 every rank takes part in each weight's all-gather (in the compute dtype); rank 0 writes.
+            self._engine_layout = HubConverter(meta_model(self.model_dir))
+        # Under FSDP2 every rank takes part in each weight's all-gather (in the compute dtype); rank 0 converts
+        # (renames; splits Qwen3-Omni's fused expert weights per expert) and writes.
         write_hub_shards(iter_merged_weights(self.loaded_models.hf, self.loaded_models.compute_dtype, to_cpu=writer),
-                         self._engine_key_map, self._engine_weights_dir if writer else None)
+                         self._engine_layout or {}, self._engine_weights_dir if writer else None)
         if writer:
             engine.load_weights(self._engine_weights_dir)
         if ranks > 1:
@@ -620,7 +603,8 @@ class AudioLMPolicy(nn.Module):
         temperature: float = 1.0,
         reference: bool = False,
         chunk_size: int = 1,
-    ) -> Tensor:
+        router_aux_loss: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Per-token log-probs of the completion tokens of the selected rows, (n, T).
 
             logp[i, t] = log softmax(lm(prompt_i ; c_i[:t]) / temperature)[c_i[t]]
@@ -630,11 +614,20 @@ class AudioLMPolicy(nn.Module):
         Differentiable in grad mode; ``reference=True`` scores under the reference policy with no grad.
         Positions after the first EOS are scored too: mask them with ``rollout.completion_mask``.
 
-        The G rows of one utterance share their prompt, so with ``share_prompt_kv`` the prompt runs once per
+        The G rows of one utterance share their prompt, so the prompt runs once per
         utterance among the selected rows and its per-layer keys/values are indexed out to the rows
         (``scoring.shared_prompt_hidden``); where that cannot apply every row runs its full sequence.
+
+        ``router_aux_loss`` (a mixture-of-experts policy, not the reference): also return the router's load-
+        balancing loss of the pass (``family.router_aux_loss``, transformers' ``load_balancing_loss_func``) over
+        the tokens the model's forward on the rows' full sequences would count, as TRL's ``outputs.aux_loss``:
+        each row's prompt under its attention mask and its completion under ``rollout.completion_mask``
+        (a shared prompt counted once per row), recorded by ``family.record_router_logits``. Otherwise no router
+        logits are recorded, whatever the config's ``output_router_logits`` says.
         """
         self.load()
+        if router_aux_loss and reference:
+            raise ValueError("completion_logps: the reference policy's passes compute no load-balancing loss")
         r = scoring.as_row_index(rows, len(rollout), rollout.completion_ids.device)
         ctx = self.reference() if reference else contextlib.nullcontext(self.loaded_models.hf)
         grad = contextlib.nullcontext() if not reference else torch.no_grad()
@@ -644,18 +637,24 @@ class AudioLMPolicy(nn.Module):
             pe = rollout.prompt
             utts, inverse = torch.unique(torch.div(r, rollout.group_size, rounding_mode="floor"), return_inverse=True)
             completion = rollout.completion_ids[r]
-            hidden = scoring.completion_hidden(
+            hidden, router = scoring.completion_hidden(
                 self.family.decoder(hf_model), self.family.embed(hf_model),
                 self._prompt_embeds(hf_model, pe, utts, reference), pe.attention_mask[utts], inverse, completion,
-                share_prompt_kv=self.share_prompt_kv, sharded=self.is_sharded,
+                sharded=self.is_sharded, decoder_kwargs=self.family.scoring_kwargs(hf_model),
+                router_mask=rollout.completion_mask[r] if router_aux_loss else None,
+                record_routers=(lambda: self.family.record_router_logits(hf_model)) if router_aux_loss else None,
             )
             head = hf_model.lm_head
             if type(head) is nn.Linear:  # never the (n, T, V) logits: lm_head runs in row chunks
                 rows = max(chunk_size, LOGITS_CHUNK_TOKENS // max(1, completion.shape[1]))
-                return linear_token_logprobs(hidden, head.weight, head.bias, completion, temperature, rows)
-            # An FSDP2 unit (its forward gathers the weight and its backward reduces the gradient) or an
-            # adapted head: through its own forward.
-            return token_logprobs(head(hidden), completion, temperature=temperature, chunk_size=chunk_size)
+                logps = linear_token_logprobs(hidden, head.weight, head.bias, completion, temperature, rows)
+            else:
+                # An FSDP2 unit (its forward gathers the weight and its backward reduces the gradient) or an
+                # adapted head: through its own forward.
+                logps = token_logprobs(head(hidden), completion, temperature=temperature, chunk_size=chunk_size)
+            if router is None:
+                return logps
+            return logps, self.family.router_aux_loss(hf_model, router.logits, router.weights)
 
     # ---------------------------------------------------------------------------------------- reference
     @contextlib.contextmanager

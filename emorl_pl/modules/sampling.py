@@ -20,7 +20,6 @@ from emorl_pl.modules.sharding import gathered
 
 log = logging.getLogger(__name__)
 FUSED_DECODE_MODES = ("adapters", "merged", "off")
-DECODING_MODES = ("loop", "generate")
 _STOP_CHECK_EVERY = 8  # decode steps between reads of the "all rows finished" flag (a host sync each)
 
 

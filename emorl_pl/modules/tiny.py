@@ -478,22 +478,22 @@ QWEN2_5_OMNI_CHAT_TEMPLATE = (
 )
 
 
-def omni_feature_extractor():
+def omni_feature_extractor(chunk_length: int = OMNI_CHUNK_SECONDS):
     """The Omni releases' feature extractor (preprocessor_config.json): Whisper's 128-mel front end at 16 kHz,
-    a 300 s window (4,800,000 samples, 30,000 frames)."""
+    a 300 s window (4,800,000 samples, 30,000 frames); the toys pass a shorter ``chunk_length`` (seconds)."""
     from transformers import WhisperFeatureExtractor
 
     return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400,
-                                   chunk_length=OMNI_CHUNK_SECONDS, return_attention_mask=True)
+                                   chunk_length=chunk_length, return_attention_mask=True)
 
 
 def _save_omni_processor(out_dir: Path, tokenizer, image_processor: Mapping, chat_template: str,
-                         processor_class: str) -> None:
+                         processor_class: str, chunk_length: int = OMNI_CHUNK_SECONDS) -> None:
     """The processor files as the Omni repositories publish them: the tokenizer's files, one
     preprocessor_config.json holding the feature extractor's and the image processor's settings and the
     processor class, and chat_template.json."""
     tokenizer.save_pretrained(out_dir)
-    config = {**omni_feature_extractor().to_dict(), **image_processor, "processor_class": processor_class}
+    config = {**omni_feature_extractor(chunk_length).to_dict(), **image_processor, "processor_class": processor_class}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
 
@@ -506,6 +506,88 @@ def mrope_section(published: Sequence[int], head_dim: int, published_head_dim: i
         raise ValueError(f"head_dim {head_dim} does not scale mrope_section {list(published)} exactly "
                          f"(use a multiple of {published_head_dim // min(math.gcd(s, published_head_dim) for s in published)})")
     return section
+
+
+def _token_ids(tokenizer, tokens: Sequence[str], vocab_size: int) -> dict[str, int]:
+    """The ids of ``tokens`` in ``tokenizer`` (each one token), checked to fit a ``vocab_size``-row embedding."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks the tokens {missing}")
+    return ids
+
+
+def _user_token_id(tokenizer) -> int:
+    """config.json's ``user_token_id``: the id of the word ``user`` (872 in the Qwen2 BPE; the talker reads it)."""
+    (token_id,) = tokenizer.encode("user", add_special_tokens=False)
+    return token_id
+
+
+def _save_qwen2_5_omni(
+    out_dir: Path,
+    tokenizer,
+    *,
+    seed: int,
+    vocab_size: int,
+    chunk_length: int,
+    max_position_embeddings: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int | None,
+    encoder_layers: int,
+    audio_d_model: int,
+    audio_heads: int,
+    audio_ffn: int | None,
+) -> Path:
+    """Save a random Qwen2.5-Omni thinker (thin layers, whole-Omni layout) + its processor files with
+    ``tokenizer`` (Qwen2.5-Omni's added tokens at whatever ids it has them), a ``chunk_length``-second window and
+    a ``vocab_size``-row embedding / lm_head; the shapes of ``build_real_shape_qwen2_5_omni``."""
+    from transformers import (
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
+
+    if hidden_size % num_heads or num_heads % num_kv_heads or audio_d_model % audio_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}), num_heads by "
+                         f"num_kv_heads ({num_kv_heads}), audio_d_model ({audio_d_model}) by audio_heads ({audio_heads})")
+    ids = _token_ids(tokenizer, QWEN2_5_OMNI_SPECIAL_TOKENS, vocab_size)
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config={
+            "d_model": audio_d_model, "encoder_layers": encoder_layers, "encoder_attention_heads": audio_heads,
+            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model, "num_mel_bins": 128, "max_source_positions": 1500,
+            "n_window": 100, "output_dim": hidden_size,  # the tower projects to the text width itself
+        },
+        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 1, "intermediate_size": 64,
+                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [0]},
+        text_config={
+            "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size or 2 * hidden_size, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "tie_word_embeddings": False,
+            "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": mrope_section(QWEN2_5_OMNI_MROPE_SECTION, hidden_size // num_heads)},
+            "bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        position_id_per_seconds=25, seconds_per_chunk=2, user_token_id=_user_token_id(tokenizer),
+        bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    save_random_model(Qwen2_5OmniThinkerForConditionalGeneration, config, out_dir, seed,
+                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
+                      bos_token_id=ids["<|im_start|>"])
+    # Qwen2.5-Omni-7B's image processor settings (Qwen2-VL's: 14-pixel patches, 2x2 merge)
+    image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+                       "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                       "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    _save_omni_processor(out_dir, tokenizer, image_processor, QWEN2_5_OMNI_CHAT_TEMPLATE, "Qwen2_5OmniProcessor",
+                         chunk_length)
+    return out_dir
 
 
 def build_real_shape_qwen2_5_omni(
@@ -534,52 +616,17 @@ def build_real_shape_qwen2_5_omni(
     ``audio_d_model``, a one-block vision tower (never used). Deterministic for a seed; an existing model in
     ``out_dir`` is returned unchanged unless ``overwrite``.
     """
-    from transformers import (
-        Qwen2_5OmniThinkerConfig,
-        Qwen2_5OmniThinkerForConditionalGeneration,
-    )
-
     out_dir = Path(out_dir)
     if not _prepare_out_dir(out_dir, overwrite):
         return out_dir
-    if hidden_size % num_heads or num_heads % num_kv_heads or audio_d_model % audio_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}), num_heads by "
-                         f"num_kv_heads ({num_kv_heads}), audio_d_model ({audio_d_model}) by audio_heads ({audio_heads})")
-    ids = QWEN2_5_OMNI_SPECIAL_TOKEN_IDS
-    tokenizer = real_qwen2_tokenizer(ids, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tokenizer = real_qwen2_tokenizer(QWEN2_5_OMNI_SPECIAL_TOKEN_IDS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                      named_tokens=QWEN2_5_OMNI_NAMED_TOKENS, non_special=QWEN2_5_NON_SPECIAL)
-    config = Qwen2_5OmniThinkerConfig(
-        audio_config={
-            "d_model": audio_d_model, "encoder_layers": encoder_layers, "encoder_attention_heads": audio_heads,
-            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model, "num_mel_bins": 128, "max_source_positions": 1500,
-            "n_window": 100, "output_dim": hidden_size,  # the tower projects to the text width itself
-        },
-        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 1, "intermediate_size": 64,
-                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [0]},
-        text_config={
-            "vocab_size": QWEN2_5_OMNI_VOCAB_SIZE, "hidden_size": hidden_size,
-            "intermediate_size": intermediate_size or 2 * hidden_size, "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "tie_word_embeddings": False,
-            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "use_sliding_window": False,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                "mrope_section": mrope_section(QWEN2_5_OMNI_MROPE_SECTION, hidden_size // num_heads)},
-            "bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-        },
-        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        position_id_per_seconds=25, seconds_per_chunk=2, user_token_id=872,
-        bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    return _save_qwen2_5_omni(
+        out_dir, tokenizer, seed=seed, vocab_size=QWEN2_5_OMNI_VOCAB_SIZE, chunk_length=OMNI_CHUNK_SECONDS,
+        max_position_embeddings=32768, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, encoder_layers=encoder_layers,
+        audio_d_model=audio_d_model, audio_heads=audio_heads, audio_ffn=audio_ffn,
     )
-    save_random_model(Qwen2_5OmniThinkerForConditionalGeneration, config, out_dir, seed,
-                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
-                      bos_token_id=ids["<|im_start|>"])
-    # Qwen2.5-Omni-7B's image processor settings (Qwen2-VL's: 14-pixel patches, 2x2 merge)
-    image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
-                       "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-                       "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
-    _save_omni_processor(out_dir, tokenizer, image_processor, QWEN2_5_OMNI_CHAT_TEMPLATE, "Qwen2_5OmniProcessor")
-    return out_dir
 
 
 # Qwen3-Omni-30B-A3B's added tokens, in id order from 151643: Qwen3's list, then the audio and speech ones
@@ -604,18 +651,216 @@ QWEN3_OMNI_VOCAB_SIZE = 152064
 QWEN3_OMNI_MROPE_SECTION = (24, 20, 20)  # for head_dim 128, interleaved
 QWEN3_OMNI_NUM_EXPERTS, QWEN3_OMNI_TOP_K = 128, 8
 
-# NOT the published template: Qwen3-Omni-30B-A3B-Instruct's chat_template.json could not be found verbatim in any
-# source reachable from here. A stand-in with the release's audio rendering (an audio part by its type or an
-# ``audio`` / ``audio_url`` key, ``<|audio_start|><|audio_pad|><|audio_end|>``, ``add_audio_id``) and ChatML
-# turns, no default system turn; replace it with the repository's chat_template.json (a README task).
-QWEN3_OMNI_CHAT_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
-    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
-    "{% endif %}<|audio_start|><|audio_pad|><|audio_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Qwen3-Omni-30B-A3B-Instruct's published chat template (the model repository's chat_template.json), verbatim.
+# Source: xorbitsai/inference, xinference/model/llm/llm_family.json, entry "Qwen3-Omni-Instruct" ("chat_template"),
+# added at xorbitsai/inference@a53c19365ae1c98a79d43a96767162782f2b2630 and unchanged through @7ecec16b6; the entry
+# names huggingface.co/Qwen/Qwen3-Omni-30B-A3B-Instruct@26291f793822fb6be9555850f06dfe95f2d7e695 as its config
+# source. That registry's "qwen2.5-omni" template is byte-identical to QWEN2_5_OMNI_CHAT_TEMPLATE. Cross-check:
+# the Captioner's chat_template.json as extracted on 2025-09-27 (kyr0/qwen3-omni-vllm-docker@d8aab129,
+# chat-template.jinja2) and the registry's "Qwen3-Omni-Thinking" template are this text but for the tools branch,
+# where the release took a string system prompt only (QwenLM/Qwen3-Omni#41) and this one also takes a list; without
+# tools all three render the same. No default system turn, no add_audio_id; an audio part by its type or an
+# ``audio`` / ``audio_url`` key, a text part only with type "text"; enable_thinking=False appends an empty
+# <think></think> to the generation prompt. Never edit it to make a caller work.
+QWEN3_OMNI_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {{- "<|vision_start|><|image_pad|><|vision_end|>" }}
+                {%- elif content.type == 'audio' or 'audio' in content or 'audio_url' in content %}
+                    {{- "<|audio_start|><|audio_pad|><|audio_end|>" }}
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {{- "<|vision_start|><|video_pad|><|vision_end|>" }}
+                {%- elif content.type == 'text' %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+    {%- endif %}
+    {{- '\n\n' }}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {{- '<|im_start|>system\n' +"<|vision_start|><|image_pad|><|vision_end|>"+ '<|im_end|>\n' }}
+                {%- elif content.type == 'audio' or 'audio' in content or 'audio_url' in content %}
+                    {{- '<|im_start|>system\n' +"<|audio_start|><|audio_pad|><|audio_end|>"+ '<|im_end|>\n' }}
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {{- '<|im_start|>system\n' +"<|vision_start|><|video_pad|><|vision_end|>"+ '<|im_end|>\n' }}
+                {%- elif content.type == 'text' %}
+                    {{- '<|im_start|>system\n' +content.text+ '<|im_end|>\n' }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = namespace(text="") %}
+        {%- for mcontent in message.content %}
+            {%- if mcontent.type == 'image' or 'image' in mcontent or 'image_url' in mcontent %}
+                {%- set content.text = content.text~"<|vision_start|><|image_pad|><|vision_end|>" %}
+            {%- elif mcontent.type == 'audio' or 'audio' in mcontent or 'audio_url' in mcontent %}
+                {%- set content.text = content.text~"<|audio_start|><|audio_pad|><|audio_end|>" %}
+            {%- elif mcontent.type == 'video' or 'video' in mcontent %}
+                {%- set content.text = content.text~"<|vision_start|><|video_pad|><|vision_end|>" %}
+            {%- elif mcontent.type == 'text' %}
+                {%- set content.text = content.text~mcontent.text %}
+            {%- endif %}
+        {%- endfor %}
+        {%- set content = content.text %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = "" %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+    {%- endif %}
+    {%- if loop.index0 > ns.last_query_index %}
+        {%- if loop.last or (not loop.last and reasoning_content) %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip("\n") + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + content }}
+    {%- endif %}
+    {%- if message.tool_calls %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if (loop.first and content) or (not loop.first) %}{{- '\n' }}{%- endif %}
+            {%- if tool_call.function %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+{%- endif %}"""
+
+
+def _save_qwen3_omni(
+    out_dir: Path,
+    tokenizer,
+    *,
+    seed: int,
+    vocab_size: int,
+    chunk_length: int,
+    max_position_embeddings: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    moe_intermediate_size: int,
+    num_experts: int,
+    num_experts_per_tok: int,
+    output_router_logits: bool,
+    encoder_layers: int,
+    audio_d_model: int,
+    audio_heads: int,
+    audio_ffn: int | None,
+    chat_template: str,
+) -> Path:
+    """Save a random Qwen3-Omni-30B-A3B thinker (thin MoE layers, whole-Omni layout, per-expert weights) + its
+    processor files with ``tokenizer`` (Qwen3-Omni's added tokens at whatever ids it has them), a
+    ``chunk_length``-second window and a ``vocab_size``-row embedding / lm_head; the shapes of
+    ``build_real_shape_qwen3_omni``."""
+    from transformers import (
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
+
+    if num_heads % num_kv_heads or audio_d_model % audio_heads or not 0 < num_experts_per_tok <= num_experts:
+        raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads}), audio_d_model "
+                         f"({audio_d_model}) by audio_heads ({audio_heads}); 0 < num_experts_per_tok "
+                         f"({num_experts_per_tok}) <= num_experts ({num_experts})")
+    ids = _token_ids(tokenizer, QWEN3_OMNI_SPECIAL_TOKENS, vocab_size)
+    config = Qwen3OmniMoeThinkerConfig(
+        audio_config={
+            "d_model": audio_d_model, "encoder_layers": encoder_layers, "encoder_attention_heads": audio_heads,
+            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model, "num_mel_bins": 128, "max_source_positions": 1500,
+            "n_window": 50, "n_window_infer": 800, "conv_chunksize": 500, "downsample_hidden_size": 32,
+            "output_dim": hidden_size,
+        },
+        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 1, "intermediate_size": 64,
+                       "out_hidden_size": hidden_size, "deepstack_visual_indexes": [0], "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
+                       # config.json's keys that transformers' config class lacks and vLLM reads
+                       "image_size": 768, "spatial_patch_size": 16, "in_chans": 3, "tokens_per_second": 2,
+                       "apply_vit_abs_pos_embed": True},
+        text_config={
+            "vocab_size": vocab_size, "hidden_size": hidden_size, "head_dim": head_dim,
+            "intermediate_size": moe_intermediate_size, "moe_intermediate_size": moe_intermediate_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+            "num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": output_router_logits,
+            "router_aux_loss_coef": 0.001, "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6,
+            "attention_bias": False, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "interleaved": True,
+                                "mrope_interleaved": True,
+                                "mrope_section": mrope_section(QWEN3_OMNI_MROPE_SECTION, head_dim)},
+        },
+        audio_token_id=ids["<|audio_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        audio_start_token_id=ids["<|audio_start|>"], audio_end_token_id=ids["<|audio_end|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        position_id_per_seconds=13, seconds_per_chunk=2, user_token_id=_user_token_id(tokenizer), tie_word_embeddings=False,
+    )
+    save_random_model(Qwen3OmniMoeThinkerForConditionalGeneration, config, out_dir, seed,
+                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"])
+    # Qwen3-Omni's image processor settings (Qwen3-VL's: 16-pixel patches, 2x2 merge, mean/std 0.5)
+    image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
+                       "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                       "size": {"shortest_edge": 4096, "longest_edge": 16777216}}
+    _save_omni_processor(out_dir, tokenizer, image_processor, chat_template, "Qwen3OmniMoeProcessor", chunk_length)
+    return out_dir
 
 
 def build_real_shape_qwen3_omni(
@@ -648,59 +893,137 @@ def build_real_shape_qwen3_omni(
     special-token ids of config.json, the router settings (output_router_logits false, router_aux_loss_coef
     0.001). Thin: text ``num_layers`` x ``hidden_size``, ``head_dim`` 32, experts of ``moe_intermediate_size``;
     audio ``encoder_layers`` x ``audio_d_model``; a one-block vision tower (never used). The chat template is
-    a stand-in (``QWEN3_OMNI_CHAT_TEMPLATE``). Deterministic for a seed; an existing model in ``out_dir`` is
-    returned unchanged unless ``overwrite``.
+    the published Instruct one (``QWEN3_OMNI_CHAT_TEMPLATE``). Deterministic for a seed; an existing model in
+    ``out_dir`` is returned unchanged unless ``overwrite``.
     """
-    from transformers import (
-        Qwen3OmniMoeThinkerConfig,
-        Qwen3OmniMoeThinkerForConditionalGeneration,
-    )
-
     out_dir = Path(out_dir)
     if not _prepare_out_dir(out_dir, overwrite):
         return out_dir
-    if num_heads % num_kv_heads or audio_d_model % audio_heads or not 0 < num_experts_per_tok <= num_experts:
-        raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads}), audio_d_model "
-                         f"({audio_d_model}) by audio_heads ({audio_heads}); 0 < num_experts_per_tok "
-                         f"({num_experts_per_tok}) <= num_experts ({num_experts})")
-    ids = QWEN3_OMNI_SPECIAL_TOKEN_IDS
-    tokenizer = real_qwen2_tokenizer(ids, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tokenizer = real_qwen2_tokenizer(QWEN3_OMNI_SPECIAL_TOKEN_IDS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                      named_tokens=QWEN3_OMNI_NAMED_TOKENS, non_special=QWEN3_NON_SPECIAL)
-    config = Qwen3OmniMoeThinkerConfig(
-        audio_config={
-            "d_model": audio_d_model, "encoder_layers": encoder_layers, "encoder_attention_heads": audio_heads,
-            "encoder_ffn_dim": audio_ffn or 2 * audio_d_model, "num_mel_bins": 128, "max_source_positions": 1500,
-            "n_window": 50, "n_window_infer": 800, "conv_chunksize": 500, "downsample_hidden_size": 32,
-            "output_dim": hidden_size,
-        },
-        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 1, "intermediate_size": 64,
-                       "out_hidden_size": hidden_size, "deepstack_visual_indexes": [0], "patch_size": 16,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
-                       # config.json's keys that transformers' config class lacks and vLLM reads
-                       "image_size": 768, "spatial_patch_size": 16, "in_chans": 3, "tokens_per_second": 2,
-                       "apply_vit_abs_pos_embed": True},
-        text_config={
-            "vocab_size": QWEN3_OMNI_VOCAB_SIZE, "hidden_size": hidden_size, "head_dim": head_dim,
-            "intermediate_size": moe_intermediate_size, "moe_intermediate_size": moe_intermediate_size,
-            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
-            "num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, "norm_topk_prob": True,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": output_router_logits,
-            "router_aux_loss_coef": 0.001, "max_position_embeddings": 65536, "rms_norm_eps": 1e-6,
-            "attention_bias": False, "tie_word_embeddings": False,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "interleaved": True,
-                                "mrope_interleaved": True,
-                                "mrope_section": mrope_section(QWEN3_OMNI_MROPE_SECTION, head_dim)},
-        },
-        audio_token_id=ids["<|audio_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        audio_start_token_id=ids["<|audio_start|>"], audio_end_token_id=ids["<|audio_end|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        position_id_per_seconds=13, seconds_per_chunk=2, user_token_id=872, tie_word_embeddings=False,
+    return _save_qwen3_omni(
+        out_dir, tokenizer, seed=seed, vocab_size=QWEN3_OMNI_VOCAB_SIZE, chunk_length=OMNI_CHUNK_SECONDS,
+        max_position_embeddings=65536, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, moe_intermediate_size=moe_intermediate_size,
+        num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, output_router_logits=output_router_logits,
+        encoder_layers=encoder_layers, audio_d_model=audio_d_model, audio_heads=audio_heads, audio_ffn=audio_ffn,
+        chat_template=chat_template,
     )
-    save_random_model(Qwen3OmniMoeThinkerForConditionalGeneration, config, out_dir, seed,
-                      eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"])
-    # Qwen3-Omni's image processor settings (Qwen3-VL's: 16-pixel patches, 2x2 merge, mean/std 0.5)
-    image_processor = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
-                       "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-                       "size": {"shortest_edge": 4096, "longest_edge": 16777216}}
-    _save_omni_processor(out_dir, tokenizer, image_processor, chat_template, "Qwen3OmniMoeProcessor")
-    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ the Omni toys
+# The Qwen2-Audio toy's recipe for the Omni thinkers: a BPE trained in-process with the family's added tokens,
+# a 2 s window (the feature extractor's chunk_length: the prompts crop audio to its n_samples), the real-shape
+# builders' config and save path with a small vocabulary, so the policy and vLLM load them as the real ones.
+
+# Chat roles: the Omni config's user_token_id is the id of "user", which must be one token.
+_ROLE_LINES = ("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "user", " user",
+               "assistant", "system") * 8
+
+
+def _train_family_tokenizer(vocab_size: int, extra_texts: Sequence[str], special_tokens: Sequence[str],
+                            named_tokens: Mapping[str, str], non_special: Sequence[str] = ()):
+    """A Qwen2Tokenizer with a ``vocab_size`` byte-level BPE trained in-process on the built-in corpus (+ chat
+    roles, + ``extra_texts``), ``special_tokens`` at ids 0.. in order, ``named_tokens`` as the tokenizer
+    attributes a processor reads, and ``non_special`` added but not special (as ``real_qwen2_tokenizer``)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_builtin_corpus([*_ROLE_LINES, *extra_texts]), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=32768, padding_side="left",
+                               extra_special_tokens=dict(named_tokens))
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens if t not in non_special],
+                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in special_tokens if t in non_special])
+    for token_id, token in enumerate(special_tokens):
+        got = tokenizer.convert_tokens_to_ids(token)
+        assert got == token_id and len(tokenizer.encode(token, add_special_tokens=False)) == 1, (token, got)
+    return tokenizer
+
+
+def build_tiny_qwen2_5_omni(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    encoder_layers: int = 2,
+    chunk_length: int = 2,
+    vocab_size: int = 1024,
+    extra_texts: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Build, save and return the directory of the toy Qwen2.5-Omni thinker: a ``vocab_size`` BPE trained
+    in-process with Qwen2.5-Omni's 22 added tokens (ids 0-21) and named tokens, a ``chunk_length``-second window
+    (2 s: 200 mel frames, one encoder chunk, 50 audio tokens), the published chat template, layers and layout as
+    ``build_real_shape_qwen2_5_omni``. Deterministic for a seed; an existing model is returned unless
+    ``overwrite``."""
+    if chunk_length < 1:
+        raise ValueError(f"chunk_length must be a positive number of seconds, got {chunk_length}")
+    out_dir = Path(out_dir)
+    if not _prepare_out_dir(out_dir, overwrite):
+        return out_dir
+    tokenizer = _train_family_tokenizer(vocab_size, extra_texts, QWEN2_5_OMNI_SPECIAL_TOKENS,
+                                        QWEN2_5_OMNI_NAMED_TOKENS, QWEN2_5_NON_SPECIAL)
+    return _save_qwen2_5_omni(
+        out_dir, tokenizer, seed=seed, vocab_size=vocab_size, chunk_length=chunk_length, max_position_embeddings=4096,
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        intermediate_size=None, encoder_layers=encoder_layers, audio_d_model=64, audio_heads=4, audio_ffn=None,
+    )
+
+
+QWEN3_OMNI_TOY_EXPERTS, QWEN3_OMNI_TOY_TOP_K = 8, 2  # the release routes 8 of 128; the toy 2 of 8
+
+
+def build_tiny_qwen3_omni(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    head_dim: int = 32,
+    moe_intermediate_size: int = 32,
+    num_experts: int = QWEN3_OMNI_TOY_EXPERTS,
+    num_experts_per_tok: int = QWEN3_OMNI_TOY_TOP_K,
+    encoder_layers: int = 2,
+    chunk_length: int = 2,
+    vocab_size: int = 1024,
+    extra_texts: Sequence[str] = (),
+    chat_template: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build, save and return the directory of the toy Qwen3-Omni-30B-A3B thinker: a ``vocab_size`` BPE trained
+    in-process with Qwen3-Omni's 33 added tokens (ids 0-32) and named tokens, a ``chunk_length``-second window
+    (2 s: 200 mel frames, 26 audio tokens), the release's router (linear to every expert, top-k, renormalised) over
+    ``num_experts`` experts (8, top-2), layers and layout as ``build_real_shape_qwen3_omni``; the chat template is
+    ``QWEN3_OMNI_CHAT_TEMPLATE`` unless given. Deterministic for a seed; an existing model is returned unless
+    ``overwrite``."""
+    if chunk_length < 1:
+        raise ValueError(f"chunk_length must be a positive number of seconds, got {chunk_length}")
+    out_dir = Path(out_dir)
+    if not _prepare_out_dir(out_dir, overwrite):
+        return out_dir
+    tokenizer = _train_family_tokenizer(vocab_size, extra_texts, QWEN3_OMNI_SPECIAL_TOKENS, QWEN3_OMNI_NAMED_TOKENS,
+                                        QWEN3_NON_SPECIAL)
+    return _save_qwen3_omni(
+        out_dir, tokenizer, seed=seed, vocab_size=vocab_size, chunk_length=chunk_length, max_position_embeddings=4096,
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, moe_intermediate_size=moe_intermediate_size, num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok, output_router_logits=False, encoder_layers=encoder_layers,
+        audio_d_model=64, audio_heads=4, audio_ffn=None, chat_template=chat_template or QWEN3_OMNI_CHAT_TEMPLATE,
+    )

@@ -10,7 +10,8 @@ It returns the sampled token ids and each token's log-prob under the sampling di
 which the trainer uses for the train/inference importance-sampling correction (``emorl_pl.grpo``).
 
 Weights reach the engine through vLLM's own in-place reload (``Worker.reload_weights`` by
-``LLM.collective_rpc``) from a folder in the hub's key layout, written by ``emorl_pl.modules.hub_layout``.
+``LLM.collective_rpc``, through ``EngineWorkerExtension``) from a folder in the hub's key layout, written by
+``emorl_pl.modules.weight_sync``.
 
 Needs vLLM (on CPU: ``bash scripts/vllm_cpu_env.sh``, see README); imported only when an engine is built.
 """
@@ -29,6 +30,12 @@ ROLLOUT_ENGINES = ("fused", "vllm")
 
 
 VLLM_MODES = ("colocate", "server")
+
+# What one of the policy's prompts carries, for every family: one audio clip, no image or video. vLLM sizes its
+# profiling and encoder cache by these and reads only the modalities the model has (Qwen2-Audio / AF3: audio),
+# so one setting serves all; for the Omni thinkers it keeps the image and video towers out of the profile run
+# (whose processors need torchvision).
+LIMIT_MM_PER_PROMPT = {"audio": 1, "image": 0, "video": 0}
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,43 @@ class VLLMSettings:
                              f"{self.gpu_memory_utilization}, {self.max_model_len}")
 
 
+class EngineWorkerExtension:
+    """Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``): the reload the engine calls."""
+
+    def emorl_reload_weights(self, weights_path: str) -> int:
+        """vLLM's in-place reload from ``weights_path`` (checkpoint format), then on CPU vLLM 0.32 the expert
+        weights re-packed; returns how many mixture-of-experts layers were."""
+        self.reload_weights(weights_path=weights_path, is_checkpoint_format=True)
+        return repack_cpu_moe_after_reload(self.model_runner.get_model())
+
+
+def repack_cpu_moe_after_reload(model: torch.nn.Module) -> int:
+    """Work around vLLM 0.32 on CPU: its first load packs each MoE layer's ``w13_weight`` / ``w2_weight`` into
+    the CPU grouped-GEMM layout (``CPUUnquantizedExperts.process_weights_after_loading``), but a reload
+    (``UnquantizedFusedMoEMethod._setup_kernel`` with ``is_weight_update``) copies the new weights into those
+    parameters in checkpoint layout without packing them, so every expert computes with scrambled weights
+    (Qwen3-Omni's log-probs off by ~1e-2 on the thin test model; vLLM's RL reload tracker: issue #48312). Packs
+    them in place as the first load does. Other versions, GPU experts and zentorch are left alone:
+    tests/with_vllm/test_vllm_qwen3_omni_policy.py says whether a new version needs it."""
+    import vllm
+
+    if not vllm.__version__.startswith("0.32."):
+        return 0
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    repacked = 0
+    with torch.no_grad():
+        for module in model.modules():
+            experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+            if isinstance(experts, CPUUnquantizedExperts) and not experts._use_zentorch:
+                for name in ("w13_weight", "w2_weight"):
+                    weight = getattr(module, name)
+                    weight.data.copy_(cpu_prepack_moe_weight(weight.data, experts.isa))
+                repacked += 1
+    return repacked
+
+
 @dataclass(frozen=True)
 class EngineSample:
     """One sampled completion: its token ids (the stop token included when it stopped on one) and each
@@ -76,7 +120,8 @@ class VLLMColocateEngine:
 
         kwargs: dict[str, Any] = dict(model=str(model_dir), dtype=settings.dtype, max_model_len=settings.max_model_len,
                                       enforce_eager=settings.enforce_eager, seed=settings.seed,
-                                      logprobs_mode="processed_logprobs")
+                                      logprobs_mode="processed_logprobs", limit_mm_per_prompt=LIMIT_MM_PER_PROMPT,
+                                      worker_extension_cls=f"{__name__}.EngineWorkerExtension")
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
                           enable_sleep_mode=settings.enable_sleep_mode)
@@ -115,8 +160,7 @@ class VLLMColocateEngine:
     def load_weights(self, model_dir: str | Path) -> None:
         """Reload every weight in place from ``model_dir`` (hub key layout), vLLM's own RL reload path."""
         self._wake()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir),
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc("emorl_reload_weights", kwargs={"weights_path": str(model_dir)})
         # The worker drops its encoder outputs on reload but the scheduler would still count on them ("Encoder
         # cache miss"), and cached prefixes / audio features were computed with the old weights.
         engine = self.llm.llm_engine

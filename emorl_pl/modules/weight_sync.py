@@ -5,12 +5,16 @@ Nothing holds a second full copy of the model: under FSDP2 each weight is all-ga
 compute dtype, so a bf16 run moves and writes bf16), the writing rank keeps at most one shard file's worth
 (``max_shard_bytes``) before it goes to disk, and the other ranks drop each gathered weight at once. The
 all-gathers are collectives, so every rank iterates the same weights in the same order (``state_dict``'s).
+
+Published names are the hub's (``hub_layout.HubConverter``): a renaming for most families, and for Qwen3-Omni's
+mixture-of-experts layers a split, as each fused ``experts.gate_up_proj`` / ``down_proj`` arrives, into the
+per-expert ``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj`` weights vLLM loads.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -61,13 +65,31 @@ def iter_merged_weights(model: nn.Module, dtype: torch.dtype | None = None,
             yield name.replace(".base_layer.", "."), full.to("cpu") if to_cpu else full
 
 
-def write_hub_shards(weights: Iterable[tuple[str, Tensor]], key_map: dict[str, str], folder: str | Path | None,
-                     max_shard_bytes: int = 1 << 30) -> list[str]:
-    """Write ``weights`` renamed by ``key_map`` (in-memory -> published names) to ``folder`` as
-    ``model-NNNNN.safetensors`` files of at most ``max_shard_bytes`` each plus ``model.safetensors.index.json``,
-    replacing the previous set; returns the published names written. ``folder`` None: consume ``weights``
-    without writing (a rank that takes part in the gathers but does not write). Names missing from
-    ``key_map`` are not the engine's and are skipped; a key the map needs that never came is an error."""
+class _Renaming:
+    """A plain in-memory -> published name map as a converter (``HubConverter``'s interface)."""
+
+    def __init__(self, key_map: Mapping[str, str]) -> None:
+        self.key_map = dict(key_map)
+        self.sources = frozenset(self.key_map)
+        self.published = frozenset(self.key_map.values())
+
+    def __call__(self, name: str, tensor: Tensor) -> dict[str, Tensor]:
+        published = self.key_map.get(name)
+        return {} if published is None else {published: tensor}
+
+
+def write_hub_shards(weights: Iterable[tuple[str, Tensor]],
+                     layout: Mapping[str, str] | Callable[[str, Tensor], dict[str, Tensor]],
+                     folder: str | Path | None, max_shard_bytes: int = 1 << 30) -> list[str]:
+    """Write ``weights`` in the published layout to ``folder`` as ``model-NNNNN.safetensors`` files of at most
+    ``max_shard_bytes`` each (a single larger tensor gets a file of its own) plus
+    ``model.safetensors.index.json``, replacing the previous set; returns the published names written.
+
+    ``layout``: a ``hub_layout.HubConverter`` (each weight to its published tensors, as it arrives: a fused
+    expert weight split per expert; with ``sources`` / ``published``, the names that must come and be written),
+    or a plain in-memory -> published name map. ``folder`` None: consume ``weights`` without converting or
+    writing (a rank that takes part in the gathers but does not write). Weights the layout does not publish are
+    skipped; a weight it needs that never came, or a published name not written or written twice, is an error."""
     from safetensors.torch import save_file
 
     written: list[str] = []
@@ -75,6 +97,7 @@ def write_hub_shards(weights: Iterable[tuple[str, Tensor]], key_map: dict[str, s
         for _ in weights:
             pass
         return written
+    convert = _Renaming(layout) if isinstance(layout, Mapping) else layout
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in [*folder.glob("*.safetensors"), folder / INDEX_NAME]:
@@ -94,19 +117,25 @@ def write_hub_shards(weights: Iterable[tuple[str, Tensor]], key_map: dict[str, s
     seen = set()
     for name, tensor in weights:
         seen.add(name)
-        published = key_map.get(name)
-        if published is None:
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[published] = tensor.contiguous()
-        size += nbytes
-        written.append(published)
+        parts = convert(name, tensor)
+        del tensor  # our reference to a fused weight: from here its parts, each held until its shard is written
+        for published in list(parts):
+            part = parts.pop(published)
+            if published in weight_map or published in shard:
+                raise RuntimeError(f"{name}: published name {published} written twice")
+            nbytes = part.numel() * part.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard[published] = part.contiguous()
+            size += nbytes
+            written.append(published)
     flush()
-    missing = sorted(set(key_map) - seen)
+    missing = sorted(getattr(convert, "sources", seen) - seen)
     if missing:
         raise RuntimeError(f"the engine needs weights the policy does not have: {missing[:5]}")
+    unwritten = sorted(getattr(convert, "published", set(written)) - set(written))
+    if unwritten:
+        raise RuntimeError(f"{len(unwritten)} published weights were not written, e.g. {unwritten[:5]}")
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=1))

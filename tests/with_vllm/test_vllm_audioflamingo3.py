@@ -6,31 +6,18 @@ tests/with_vllm``); one engine for the module."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from engine_setup import INSTRUCTION, SR, colocated_engine, engine_greedy, ours_greedy, waves
 
 from emorl_pl.grpo import completion_mask, is_truncated
 from emorl_pl.modules.hub_layout import save_in_hub_layout
 from emorl_pl.modules.policy import AudioLMPolicy
 from emorl_pl.modules.sampling import Rollout
 from emorl_pl.modules.tiny_audioflamingo3 import build_real_shape_audioflamingo3
-from emorl_pl.modules.vllm_engine import VLLMColocateEngine, VLLMSettings, pack_completions
+from emorl_pl.modules.vllm_engine import pack_completions
 
-SR = 16000
-INSTRUCTION = "Which emotion does the speaker express? Answer with one word."
 MAX_NEW = 16
-
-
-def _waves(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    """Utterances of 1.0-2.0 s: a voiced-like tone with noise, different per utterance."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        t = np.arange(int(SR * (1.0 + 0.5 * i))) / SR
-        wave = 0.3 * np.sin(2 * np.pi * (120 + 40 * i) * t) + 0.05 * rng.standard_normal(t.size)
-        out.append(torch.tensor(wave, dtype=torch.float32))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +26,8 @@ def setup(tmp_path_factory):
                                                 num_heads=2, num_kv_heads=1, audio_heads=1)
     policy = AudioLMPolicy(str(model_dir), lora=None, dropout=False)
     policy.load()
-    engine = VLLMColocateEngine(model_dir, VLLMSettings(dtype="float32", max_model_len=1024, enforce_eager=True),
-                                stop_token_ids=policy.eos_token_ids, suppressed_token_ids=policy.audio_token_ids)
-    prompts = policy.build_prompts(_waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
+    engine = colocated_engine(model_dir, policy)
+    prompts = policy.build_prompts(waves(), SR, INSTRUCTION, texts=[None, "let me go", None])
     yield policy, engine, prompts, tmp_path_factory.mktemp("weights")
     engine.close()
 
@@ -52,20 +38,10 @@ def test_engine_gets_one_sound_per_audio(setup):
     assert ((prompts.input_ids == 151669).sum(1) > 1).all()  # the expanded run is transformers' input only
 
 
-def _ours_greedy(policy: AudioLMPolicy, prompts) -> list[list[int]]:
-    rollout = policy.rollout(prompts, 1, do_sample=False, max_new_tokens=MAX_NEW)
-    return [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-
-
-def _engine_greedy(engine: VLLMColocateEngine, prompts) -> list[list[int]]:
-    return [list(group[0].token_ids) for group in
-            engine.sample(prompts.texts, prompts.audio, SR, 1, max_new_tokens=MAX_NEW, greedy=True)]
-
-
 def test_greedy_tokens_equal_our_fused_decode(setup):
     policy, engine, prompts, _ = setup
-    ours = _ours_greedy(policy, prompts)
-    assert _engine_greedy(engine, prompts) == ours and all(len(t) > 1 for t in ours)
+    ours = ours_greedy(policy, prompts, MAX_NEW)
+    assert engine_greedy(engine, prompts, MAX_NEW) == ours and all(len(t) > 1 for t in ours)
 
 
 def test_sampled_logprobs_agree_with_the_trainers(setup):
@@ -89,14 +65,14 @@ def test_weights_reloaded_from_the_hub_layout_decode_as_the_updated_model(setup)
     """The trainer's updated weights, saved in AF3's published layout and reloaded in place (vLLM's RL reload
     path, as the policy's weight sync does), make the engine decode the updated model."""
     policy, engine, prompts, out = setup
-    before = _ours_greedy(policy, prompts)
+    before = ours_greedy(policy, prompts, MAX_NEW)
     with torch.no_grad():
         torch.manual_seed(0)
         for name, p in policy.hf_model.named_parameters():
             if ("language_model" in name or "multi_modal_projector" in name) and p.dim() == 2:
                 p.add_(0.05 * torch.randn_like(p))
-    after = _ours_greedy(policy, prompts)
+    after = ours_greedy(policy, prompts, MAX_NEW)
     assert after != before, "the update must change the greedy decode"
     save_in_hub_layout(policy.hf_model, out / "step1")
     engine.load_weights(out / "step1")
-    assert _engine_greedy(engine, prompts) == after
+    assert engine_greedy(engine, prompts, MAX_NEW) == after

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_setup import ENGINE
 
 from emorl_pl.modules.policy import AudioLMPolicy, LoraSettings
 from emorl_pl.modules.tiny import build_real_shape_qwen2_audio
-from emorl_pl.modules.vllm_engine import VLLMSettings
 
 REPO = Path(__file__).resolve().parents[2]
-ENGINE = VLLMSettings(dtype="float32", max_model_len=1024, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,31 +8,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from engine_setup import INSTRUCTION, SR, colocated_engine, engine_greedy, ours_greedy, waves
 
 from emorl_pl.modules.hub_layout import save_in_hub_layout
 from emorl_pl.modules.policy import AudioLMPolicy
 from emorl_pl.modules.sampling import Rollout
 from emorl_pl.modules.tiny import build_real_shape_qwen2_audio
-from emorl_pl.modules.vllm_engine import VLLMColocateEngine, VLLMSettings, pack_completions
+from emorl_pl.modules.vllm_engine import pack_completions
 
-SR = 16000
-INSTRUCTION = "Which emotion does the speaker express? Answer with one word."
 MAX_NEW = 24
-
-
-def _waves(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
-    """Utterances of 1.0-2.5 s: a voiced-like tone with noise, different per utterance."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        t = np.arange(int(SR * (1.0 + 0.5 * i))) / SR
-        f0 = 120 + 40 * i
-        wave = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.05 * rng.standard_normal(t.size)
-        out.append(torch.tensor(wave, dtype=torch.float32))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +27,10 @@ def setup(tmp_path_factory):
                                              num_heads=2, num_kv_heads=1, audio_heads=1)
     policy = AudioLMPolicy(str(model_dir), lora=None, dropout=False)
     policy.load()
-    engine = VLLMColocateEngine(model_dir, VLLMSettings(dtype="float32", max_model_len=1024, enforce_eager=True),
-                                stop_token_ids=policy.eos_token_ids, suppressed_token_ids=policy.audio_token_ids)
-    prompts = policy.build_prompts(_waves(), SR, INSTRUCTION)
-    return policy, engine, prompts, tmp_path_factory.mktemp("weights")
-
-
-def _ours_greedy(policy: AudioLMPolicy, prompts) -> list[list[int]]:
-    rollout = policy.rollout(prompts, 1, do_sample=False, max_new_tokens=MAX_NEW)
-    return [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-
-
-def _engine_greedy(engine: VLLMColocateEngine, prompts) -> list[list[int]]:
-    return [list(group[0].token_ids) for group in
-            engine.sample(prompts.texts, prompts.audio, SR, 1, max_new_tokens=MAX_NEW, greedy=True)]
+    engine = colocated_engine(model_dir, policy)
+    prompts = policy.build_prompts(waves(4), SR, INSTRUCTION)
+    yield policy, engine, prompts, tmp_path_factory.mktemp("weights")
+    engine.close()
 
 
 def test_prompt_has_one_audio_placeholder_per_audio(setup):
@@ -69,7 +45,7 @@ def test_prompt_has_one_audio_placeholder_per_audio(setup):
 def test_greedy_tokens_equal_our_decode(setup):
     """vLLM's greedy tokens equal our fused decode's for every prompt, in fp32 (24 tokens each)."""
     policy, engine, prompts, _ = setup
-    assert _engine_greedy(engine, prompts) == _ours_greedy(policy, prompts)
+    assert engine_greedy(engine, prompts, MAX_NEW) == ours_greedy(policy, prompts, MAX_NEW)
 
 
 def test_sampled_logprobs_agree_with_the_trainers(setup):
@@ -101,16 +77,16 @@ def test_weight_sync_makes_the_engine_decode_the_updated_model(setup):
     """After an update to the trainer's weights, saved in the hub layout and reloaded in place, the engine's
     greedy tokens and log-probs are the updated model's."""
     policy, engine, prompts, out = setup
-    before = _ours_greedy(policy, prompts)
+    before = ours_greedy(policy, prompts, MAX_NEW)
     with torch.no_grad():
         torch.manual_seed(0)
         for name, p in policy.hf_model.named_parameters():
             if "language_model" in name and p.dim() == 2:
                 p.add_(0.05 * torch.randn_like(p))
-    after = _ours_greedy(policy, prompts)
+    after = ours_greedy(policy, prompts, MAX_NEW)
     assert after != before, "the update must change the greedy decode"
     save_in_hub_layout(policy.hf_model, Path(out) / "step1")
     engine.load_weights(Path(out) / "step1")
-    assert _engine_greedy(engine, prompts) == after
+    assert engine_greedy(engine, prompts, MAX_NEW) == after
     assert not math.isnan(sum(s.logprobs[0] for g in engine.sample(prompts.texts, prompts.audio, SR, 1,
                                                                    max_new_tokens=4) for s in g))
