@@ -77,10 +77,13 @@ def test_module_renders_the_template_per_corpus_into_the_real_chat_template(real
 def test_bad_template_in_yaml_is_refused_at_config_time(tmp_path, capsys):
     from emorl_pl.cli import run_cli
 
+    # A model folder that exists (a missing one is refused first, naming model_dir) but holds nothing: the template
+    # error must come before anything is read from it.
+    (tmp_path / "model").mkdir()
     with pytest.raises((ValueError, SystemExit)) as err:
         run_cli(["fit", "-c", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
-                 "--model.init_args.policy.init_args.model_dir", str(tmp_path / "never-built"),
+                 "--model.init_args.policy.init_args.model_dir", str(tmp_path / "model"),
                  "--model.init_args.prompt.instructions", "{esr: 'Say the emotion.'}", "--trainer.max_steps", "1"])
     text = str(err.value) + capsys.readouterr().err
     assert "instructions.esr must contain {labels}" in text
-    assert not (tmp_path / "never-built").exists(), "refused before anything was loaded or built"
+    assert not any((tmp_path / "model").iterdir()), "refused before anything was loaded or built"
