@@ -118,8 +118,11 @@ def _builtin_corpus(extra_texts: Sequence[str]) -> list[str]:
     return lines
 
 
-def _train_tokenizer(vocab_size: int, extra_texts: Sequence[str]):
-    """A Qwen2Tokenizer whose byte-level BPE is trained in-process (tokenizers) on the built-in corpus."""
+def bpe_qwen2_tokenizer(vocab_size: int, special_tokens: Sequence[str], texts: Sequence[str],
+                        extra_special_tokens: Sequence[str] | Mapping[str, str]):
+    """A Qwen2Tokenizer whose byte-level BPE (Qwen2's pre-tokenizer) is trained in-process (tokenizers) on
+    ``texts``, ``vocab_size`` entries with ``special_tokens`` at ids 0.. in order: the toys' tokenizer, each
+    family passing its own special tokens and the ``extra_special_tokens`` its processor reads."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -133,24 +136,29 @@ def _train_tokenizer(vocab_size: int, extra_texts: Sequence[str]):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_builtin_corpus(extra_texts), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tokenizer = Qwen2Tokenizer(
+    return Qwen2Tokenizer(
         vocab=state["vocab"],
         merges=merges,
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=["<|im_start|>", *AUDIO_SPECIAL_TOKENS],
+        extra_special_tokens=extra_special_tokens,
         model_max_length=32768,
         padding_side="left",
     )
-    return tokenizer
+
+
+def _train_tokenizer(vocab_size: int, extra_texts: Sequence[str]):
+    """The Qwen2-Audio toy's tokenizer, trained on the built-in corpus (``bpe_qwen2_tokenizer``)."""
+    return bpe_qwen2_tokenizer(vocab_size, SPECIAL_TOKENS, _builtin_corpus(extra_texts),
+                               ["<|im_start|>", *AUDIO_SPECIAL_TOKENS])
 
 
 def qwen2_bpe_dir() -> Path:
@@ -926,23 +934,10 @@ def _train_family_tokenizer(vocab_size: int, extra_texts: Sequence[str], special
     """A Qwen2Tokenizer with a ``vocab_size`` byte-level BPE trained in-process on the built-in corpus (+ chat
     roles, + ``extra_texts``), ``special_tokens`` at ids 0.. in order, ``named_tokens`` as the tokenizer
     attributes a processor reads, and ``non_special`` added but not special (as ``real_qwen2_tokenizer``)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
+    from tokenizers import AddedToken
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_builtin_corpus([*_ROLE_LINES, *extra_texts]), trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", model_max_length=32768, padding_side="left",
-                               extra_special_tokens=dict(named_tokens))
+    tokenizer = bpe_qwen2_tokenizer(vocab_size, special_tokens, _builtin_corpus([*_ROLE_LINES, *extra_texts]),
+                                    dict(named_tokens))
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens if t not in non_special],
                          special_tokens=True)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in special_tokens if t in non_special])

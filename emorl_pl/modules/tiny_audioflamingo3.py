@@ -35,15 +35,14 @@ Sources (the published repository is not reachable from here; each value is from
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from emorl_pl.modules.tiny import (
     MEL_FRAMES_PER_SECOND,
-    QWEN2_PRETOKENIZE_REGEX,
     _builtin_corpus,
     _prepare_out_dir,
+    bpe_qwen2_tokenizer,
     real_qwen2_tokenizer,
     save_random_model,
 )
@@ -199,25 +198,9 @@ def build_real_shape_audioflamingo3(
 def _train_af3_tokenizer(vocab_size: int, extra_texts: Sequence[str]):
     """A Qwen2Tokenizer with a ``vocab_size`` byte-level BPE trained in-process on ``tiny``'s built-in corpus,
     the chat tokens and AF3's audio tokens as its special tokens (ids 0..6)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<speech>", AF3_AUDIO_TOKEN, "<|sound_bos|>",
                 "<|sound_eos|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_builtin_corpus(extra_texts), trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>",
-                          pad_token="<|endoftext|>", extra_special_tokens=specials[1:2] + specials[3:],
-                          model_max_length=32768, padding_side="left")
+    return bpe_qwen2_tokenizer(vocab_size, specials, _builtin_corpus(extra_texts), specials[1:2] + specials[3:])
 
 
 def build_tiny_audioflamingo3(
