@@ -178,8 +178,9 @@ def resolve_router_aux_coef(family: AudioLMFamily, hf_model: nn.Module, coef: fl
 
 
 class RouterSettings:
-    """Load balancing of a mixture-of-experts language model, as its own config sets it: whether the
-    auxiliary loss is on (``output_router_logits``), its weight, and the router's shape."""
+    """Load balancing of a mixture-of-experts language model, as its own config sets it: ``enabled`` is the
+    config's ``output_router_logits`` (what the model's own forward would do; the trainer follows
+    ``router_aux_loss_coef`` instead, as TRL), ``coef`` the loss weight, and the router's shape."""
 
     def __init__(self, enabled: bool, coef: float, num_experts: int, top_k: int) -> None:
         self.enabled, self.coef, self.num_experts, self.top_k = enabled, coef, num_experts, top_k
